@@ -1,0 +1,217 @@
+"""The proxy's configuration: typed, immutable, validated once at load.
+
+`load_config()` reads the YAML file of the product contract into the frozen
+dataclasses below. Every problem is a `ConfigError` naming the file, the key path
+and what is wrong, e.g. ``proxy.yaml: upstreams.inventory.token.client_id: missing``.
+Nothing here touches the network; secret *files* are checked for readability at
+load and re-read by the token client on every fetch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+UnknownHosts = Literal["passthrough", "deny"]
+AuthMethod = Literal[
+    "client_secret_basic",
+    "client_secret_post",
+    "private_key_jwt",
+    "tls_client_auth",
+]
+LogFormat = Literal["text", "json"]
+
+
+class ConfigError(Exception):
+    """A configuration problem: `file`, dotted `key_path` and a human `problem`."""
+
+    def __init__(self, file: str, key_path: str, problem: str) -> None:
+        self.file = file
+        self.key_path = key_path
+        self.problem = problem
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.file}: {self.key_path}" if self.key_path else self.file
+        return f"{where}: {self.problem}"
+
+
+class Secret:
+    """A secret string that never shows itself in `repr`, `str` or logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Address:
+    """A `host:port` to listen on or connect to."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class HostMatch:
+    """One entry of `match.hosts`: lower-cased host, and a port or None for the scheme default."""
+
+    host: str
+    port: int | None = None
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """Which requests an upstream takes: exact hosts, and optionally a path prefix."""
+
+    hosts: tuple[HostMatch, ...]
+    # Normalised without a trailing slash; matches the prefix itself and paths below it
+    # on a segment boundary (`/api` matches `/api` and `/api/x`, not `/apiary`).
+    path_prefix: str | None = None
+
+
+@dataclass(frozen=True)
+class TargetUrl:
+    """The upstream's `url`: where matched requests are sent (scheme, host, port)."""
+
+    scheme: Literal["http", "https"]
+    host: str
+    port: int
+
+    @property
+    def authority(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.authority}"
+
+
+@dataclass(frozen=True)
+class TlsClientConfig:
+    """TLS trust and client identity for outbound connections (upstream or token endpoint)."""
+
+    ca_file: Path | None = None
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    """How to obtain one upstream's token with the client-credentials grant."""
+
+    client_id: str
+    token_url: str | None = None  # exactly one of token_url / issuer is set
+    issuer: str | None = None
+    auth_method: AuthMethod = "client_secret_basic"
+    client_secret: Secret | None = field(default=None, repr=False)
+    client_secret_file: Path | None = None  # re-read at every fetch
+    private_key_file: Path | None = None  # private_key_jwt: RSA (RS256) or EC P-256 (ES256)
+    key_id: str | None = None  # `kid` header of the client assertion
+    client_assertion_file: Path | None = None  # sent as-is as the client assertion
+    scope: tuple[str, ...] = ()
+    audience: str | None = None
+    resource: tuple[str, ...] = ()
+    extra_params: tuple[tuple[str, str], ...] = ()
+    refresh_before_expiry: float | None = None  # None: min(300 s, 20% of the lifetime)
+    default_lifetime: float = 300.0  # when expires_in is absent and the token is no JWT
+    timeout: float = 10.0  # total time for one token request
+    connect_timeout: float = 5.0
+    retry_initial: float = 1.0  # backoff after a failed fetch: full jitter, doubling
+    retry_max: float = 60.0
+    tls: TlsClientConfig = TlsClientConfig()
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One upstream API: which requests it takes, where they go, and its token."""
+
+    name: str
+    match: MatchConfig
+    token: TokenConfig
+    url: TargetUrl | None = None
+    listen: Address | None = None
+    header: str = "Authorization"
+    overwrite: bool = True
+    required: bool = True
+    tls: TlsClientConfig = TlsClientConfig()
+    connect_timeout: float = 5.0
+    timeout: float = 60.0  # waiting for the response head, and between body reads
+    allow_insecure_http: bool = False
+
+
+@dataclass(frozen=True)
+class TlsInterceptConfig:
+    """TLS interception of CONNECT tunnels to configured hosts, with a local CA."""
+
+    ca_cert_file: Path | None = None  # both or neither; neither: generate a CA at start-up
+    ca_key_file: Path | None = None
+    write_ca_cert_to: Path | None = None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Bounds on what a client may send and how long it may take."""
+
+    max_request_line: int = 8192
+    max_header_size: int = 65536
+    max_headers: int = 100
+    max_body_size: int | None = None  # None: unlimited (bodies are streamed)
+    header_timeout: float = 10.0  # from connection or previous response to a full head
+    idle_timeout: float = 60.0  # keep-alive connections with nothing in flight
+    tunnel_idle_timeout: float = 300.0
+    max_connections: int = 10000
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The whole configuration file."""
+
+    upstreams: tuple[UpstreamConfig, ...]
+    listen: Address = Address("127.0.0.1", 15080)
+    admin_listen: Address = Address("0.0.0.0", 15090)
+    unknown_hosts: UnknownHosts = "passthrough"
+    tls_intercept: TlsInterceptConfig | None = None
+    connect_ports: tuple[int, ...] = (443,)
+    limits: LimitsConfig = LimitsConfig()
+    log_level: str = "info"
+    log_format: LogFormat = "text"
+    access_log: bool = False
+    shutdown_grace_period: float = 20.0
+    source: str = "<config>"  # the file it was loaded from, for messages
+
+    def upstream(self, name: str) -> UpstreamConfig:
+        for upstream in self.upstreams:
+            if upstream.name == name:
+                return upstream
+        raise KeyError(name)
+
+
+def parse_duration(value: object) -> float:
+    """`90s`, `5m`, `1h`, `250ms` or plain (int/float) seconds; ValueError otherwise."""
+    raise NotImplementedError
+
+
+def load_config(path: str | Path) -> ProxyConfig:
+    """Read, expand `${VAR}`s in, and validate the YAML file at `path`."""
+    raise NotImplementedError
