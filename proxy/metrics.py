@@ -12,6 +12,8 @@ A `Metrics` owns its `CollectorRegistry`, so tests build a fresh one each.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from proxy import __version__
@@ -23,7 +25,22 @@ UNMATCHED = "unmatched"
 # exist to show a struggling one before the client timeout (default 10 s) fires.
 TOKEN_FETCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Proxied requests: from a loopback hop (~1 ms) to a slow upstream.
-REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+REQUEST_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 
 
 class Metrics:
@@ -109,7 +126,21 @@ class Metrics:
         )
         for outcome in ("success", "failure"):
             self.config_reloads.labels(outcome=outcome)
+        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self.register_upstream(UNMATCHED, token=False)
+
+    def observe_request(self, upstream: str, status: int, seconds: float) -> None:
+        """Count one answered request; children are cached because this runs per request."""
+        key = (upstream, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(upstream=upstream, code=str(status)),
+                self.request_duration.labels(upstream=upstream),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def register_upstream(self, name: str, *, token: bool = True) -> None:
         """Create the series of `name` so they exist (at 0) before anything happens."""
@@ -128,6 +159,10 @@ class Metrics:
 
     def forget_upstream(self, name: str) -> None:
         """Drop the series of an upstream removed by a config reload."""
+        for key in [key for key in self._request_children if key[0] == name]:
+            del self._request_children[key]
+            with contextlib.suppress(KeyError):
+                self.requests.remove(name, str(key[1]))
         for family in (
             self.token_fetch_duration,
             self.token_expiry_timestamp,
@@ -136,17 +171,11 @@ class Metrics:
             self.token_unavailable,
             self.request_duration,
         ):
-            try:
+            with contextlib.suppress(KeyError):
                 family.remove(name)
-            except KeyError:
-                pass
         for outcome in ("success", "failure"):
-            try:
+            with contextlib.suppress(KeyError):
                 self.token_fetches.remove(name, outcome)
-            except KeyError:
-                pass
         for reason in TOKEN_FETCH_FAILURE_REASONS:
-            try:
+            with contextlib.suppress(KeyError):
                 self.token_fetch_failures.remove(name, reason)
-            except KeyError:
-                pass

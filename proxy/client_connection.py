@@ -1,0 +1,399 @@
+"""One client connection on a proxy port: parsing requests and pacing their bodies.
+
+`ClientConnection` is an `asyncio.Protocol` driving httptools' llhttp parser. It turns
+bytes into `RequestHead`s and `RequestBody` streams, hands each request in order to a
+`RequestHandler` (forward or reverse mode), and exposes the transport with flow control
+to whoever answers. Requests on one connection are answered strictly in order
+(pipelining is parsed, not processed concurrently). Once a handler takes the connection
+over (CONNECT, WebSocket) parsing stops and bytes go to the `RawSink` it installs.
+
+Limits (request line, header size and count, body size) are enforced while parsing;
+header and idle timeouts are enforced by the `Listener`'s sweeper reading the
+deadlines kept here, so the hot path sets a float instead of arming a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol
+
+import httptools
+
+from proxy.config import LimitsConfig
+from proxy.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    ProxyError,
+    RequestTooLarge,
+    UriTooLong,
+    error_response,
+)
+from proxy.messages import Headers, RequestHead
+
+if TYPE_CHECKING:
+    from proxy.listener import Listener
+
+log = logging.getLogger("token_proxy.connection")
+
+# A request body buffered beyond this pauses reading from the client until it drains.
+BODY_HIGH_WATER = 256 * 1024
+BODY_LOW_WATER = 64 * 1024
+
+
+class RawSink(Protocol):
+    """Receives a taken-over connection's bytes (a tunnel or an upgraded connection)."""
+
+    def data_from_client(self, data: bytes) -> None: ...
+
+    def client_eof(self) -> None: ...
+
+    def client_lost(self) -> None: ...
+
+
+class RequestBody:
+    """The body of one request, streamed from the client with bounded buffering."""
+
+    __slots__ = ("_chunks", "_conn", "_error", "_size", "_waiter", "done", "received")
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self._conn = conn
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self.done = False
+        self.received = 0
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        self.received += len(data)
+        if self._size > BODY_HIGH_WATER:
+            self._conn.pause_reading()
+        self._wake()
+
+    def finish(self) -> None:
+        self.done = True
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self._error = error
+            self.done = True
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read(self) -> bytes | None:
+        """The next chunk, or None at the end of the body."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self.done:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = self._chunks.popleft()
+        self._size -= len(data)
+        if self._size < BODY_LOW_WATER:
+            self._conn.resume_reading()
+        return data
+
+
+class RequestHandler(Protocol):
+    """Answers one request; returns whether the connection may serve another."""
+
+    def __call__(
+        self, conn: ClientConnection, head: RequestHead, body: RequestBody | None
+    ) -> Awaitable[bool]: ...
+
+
+class ClientConnection(asyncio.Protocol):
+    """A client's connection to one of the proxy's ports."""
+
+    def __init__(self, listener: Listener, handler: RequestHandler, limits: LimitsConfig) -> None:
+        self.listener = listener
+        self._handler = handler
+        self._limits = limits
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer: str = "-"
+        self._parser = httptools.HttpRequestParser(self)
+        self._queue: deque[tuple[RequestHead, RequestBody | None] | ProxyError] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        # Parsing state of the request being read.
+        self._url = b""
+        self._headers: Headers = []
+        self._head_size = 0
+        self._body: RequestBody | None = None
+        self._parsing_error: ProxyError | None = None
+        self._raw_sink: RawSink | None = None
+        self._taken_over_tail = b""
+        self._reading_paused = False
+        self._parse_stopped = False
+        self.write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.on_resume_writing: Callable[[], None] | None = None
+        # Deadlines (loop time) read by the listener's sweeper; 0 means none.
+        self.header_deadline = 0.0
+        self.idle_deadline = 0.0
+        self.busy = False
+        self.closed = False
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.peer = f"{peer[0]}:{peer[1]}"
+        self.idle_deadline = self._loop.time() + self._limits.header_timeout
+        self.listener.connection_opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._raw_sink is not None:
+            self._raw_sink.data_from_client(data)
+            return
+        if self._parse_stopped:
+            # Bytes after an upgrade request while its handler decides: keep them.
+            self._taken_over_tail += data
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._taken_over_tail = data[upgrade.args[0] :]
+            self._parse_stopped = True
+            self.pause_reading()
+        except httptools.HttpParserError as exc:
+            self._parse_failed(self._parsing_error or BadRequest(_parser_message(exc)))
+
+    def eof_received(self) -> bool | None:
+        if self._raw_sink is not None:
+            self._raw_sink.client_eof()
+            return True  # keep our write side open: half-close (tunnels)
+        if self._body is not None and not self._body.done:
+            self._body.fail(ConnectionResetError("client closed the connection mid-body"))
+        if not self.busy and not self._queue:
+            return False
+        # Answer what was asked before the client's half-close, then close.
+        self._parse_stopped = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.listener.connection_closed(self)
+        if self._raw_sink is not None:
+            self._raw_sink.client_lost()
+        if self._body is not None:
+            self._body.fail(ConnectionResetError("client connection lost"))
+        for item in self._queue:
+            if isinstance(item, tuple) and item[1] is not None:
+                item[1].fail(ConnectionResetError("client connection lost"))
+        self._queue.clear()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(ConnectionResetError("client connection lost"))
+        self._wake_worker()
+        if self.on_resume_writing is not None:
+            self.on_resume_writing()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self.on_resume_writing is not None:
+            self.on_resume_writing()
+
+    # -- httptools callbacks ------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._head_size = 0
+        self.header_deadline = self._loop.time() + self._limits.header_timeout
+        self.idle_deadline = 0.0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self._limits.max_request_line:
+            self._parsing_error = UriTooLong("request line too long")
+            raise self._parsing_error
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        self._headers.append((name, value))
+        if self._head_size > self._limits.max_header_size:
+            self._parsing_error = HeadersTooLarge("request headers too large")
+            raise self._parsing_error
+        if len(self._headers) > self._limits.max_headers:
+            self._parsing_error = HeadersTooLarge("too many request headers")
+            raise self._parsing_error
+
+    def on_headers_complete(self) -> None:
+        self.header_deadline = 0.0
+        parser = self._parser
+        method = parser.get_method().decode("ascii")
+        content_length: int | None = None
+        chunked = False
+        for name, value in self._headers:
+            lowered = name.lower()
+            if lowered == b"content-length":
+                content_length = int(value)
+            elif lowered == b"transfer-encoding":
+                chunked = True  # llhttp accepts only a final `chunked` for requests
+        if chunked:
+            content_length = None
+        head = RequestHead(
+            method=method,
+            target=self._url,
+            version=parser.get_http_version(),
+            headers=self._headers,
+            keep_alive=parser.should_keep_alive(),
+            upgrade=parser.should_upgrade(),
+            content_length=content_length,
+            chunked=chunked,
+        )
+        body = RequestBody(self) if head.has_body else None
+        self._body = body
+        self._enqueue((head, body))
+
+    def on_body(self, data: bytes) -> None:
+        body = self._body
+        if body is None:
+            return
+        limit = self._limits.max_body_size
+        if limit is not None and body.received + len(data) > limit:
+            error = RequestTooLarge(f"request body larger than {limit} bytes")
+            body.fail(error)
+            self._parsing_error = error
+            raise error
+        body.feed(data)
+
+    def on_message_complete(self) -> None:
+        if self._body is not None:
+            self._body.finish()
+            self._body = None
+
+    # -- request queue --------------------------------------------------------
+
+    def _enqueue(self, item: tuple[RequestHead, RequestBody | None] | ProxyError) -> None:
+        self._queue.append(item)
+        if self._worker is None:
+            self._worker = self._loop.create_task(self._serve())
+        else:
+            self._wake_worker()
+
+    def _wake_worker(self) -> None:
+        waiter = self._wakeup
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _parse_failed(self, error: ProxyError) -> None:
+        self._parse_stopped = True
+        self.pause_reading()
+        if self._body is not None:
+            self._body.fail(error)
+            self._body = None
+        self._enqueue(error)
+
+    async def _serve(self) -> None:
+        try:
+            while not self.closed:
+                if not self._queue:
+                    if self._parse_stopped:
+                        self.close()
+                        return
+                    self.idle_deadline = self._loop.time() + self._limits.idle_timeout
+                    self._wakeup = self._loop.create_future()
+                    try:
+                        await self._wakeup
+                    finally:
+                        self._wakeup = None
+                    continue
+                item = self._queue.popleft()
+                if isinstance(item, ProxyError):
+                    self.send_error(item, keep_alive=False)
+                    return
+                head, body = item
+                self.busy = True
+                try:
+                    keep_alive = await self._handler(self, head, body)
+                finally:
+                    self.busy = False
+                if not keep_alive or self.listener.draining:
+                    if self._raw_sink is None:
+                        self.close()
+                    return
+        except Exception:
+            log.exception("unexpected error serving a client connection")
+            self.abort()
+
+    # -- for handlers -----------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.write_paused and not self.closed:
+            self._drain_waiter = self._loop.create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+
+    def send_error(self, error: ProxyError, *, keep_alive: bool) -> None:
+        self.write(error_response(error, keep_alive=keep_alive))
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def take_over(self, sink: RawSink) -> bytes:
+        """Stop parsing; future bytes go to `sink`. Returns bytes already received past the head."""
+        self._raw_sink = sink
+        tail, self._taken_over_tail = self._taken_over_tail, b""
+        self.idle_deadline = 0.0
+        self.header_deadline = 0.0
+        self.resume_reading()
+        return tail
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close_if_idle(self) -> bool:
+        """Close a keep-alive connection that has no request in flight (graceful shutdown)."""
+        if self.busy or self._queue or self._raw_sink is not None:
+            return False
+        self.close()
+        return True
+
+
+def _parser_message(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"malformed request: {text}"[:200]

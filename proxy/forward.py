@@ -1,0 +1,569 @@
+"""The request path: decide where a request goes, add its token, relay the exchange.
+
+`Forwarder` answers requests on the forward-proxy port (absolute-form targets, as sent
+by clients with `HTTP_PROXY`) and on upstreams' reverse-proxy ports (origin-form,
+everything to the upstream's `url`). For each request it
+
+1. works out the destination and the upstream that matches it (`proxy.routing`),
+2. takes the upstream's token from its provider without waiting while one is valid,
+3. sends the head (hop-by-hop fields removed, token injected) and streams the body,
+4. relays the response head and streams the body back, re-framing as needed,
+5. on a 401 to a token it sent, drops that token and retries once when the request
+   can be replayed (idempotent, body small enough to have been kept).
+
+Every error before the response head is sent becomes the contract's JSON answer via
+`ProxyError`; after that, the only honest signal left is closing the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Awaitable
+
+from proxy.client_connection import ClientConnection, RequestBody
+from proxy.errors import (
+    BadRequest,
+    HostNotAllowed,
+    ProxyError,
+    TokenUnavailable,
+    UpstreamUnreachable,
+)
+from proxy.logs import log_access
+from proxy.messages import (
+    LAST_CHUNK,
+    Headers,
+    RequestHead,
+    ResponseHead,
+    chunk,
+    end_to_end,
+    header_values,
+    inject,
+    request_head_bytes,
+    response_head_bytes,
+)
+from proxy.metrics import UNMATCHED, Metrics
+from proxy.routing import DEFAULT_PORTS, Target, parse_absolute_target, split_authority
+from proxy.runtime import Route, RuntimeHolder
+from proxy.tunnel import TunnelHandler, splice
+from proxy.upstream_pool import Exchange, Origin, UpstreamConnection, UpstreamPool
+
+log = logging.getLogger("token_proxy.forward")
+
+# Bodies up to this size are kept while sent, so a request can be replayed after a 401.
+REPLAY_LIMIT = 64 * 1024
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+UPGRADE_KEEP = frozenset({b"upgrade"})
+
+_default_tls: ssl.SSLContext | None = None
+
+
+def _passthrough_tls() -> ssl.SSLContext:
+    global _default_tls
+    if _default_tls is None:
+        _default_tls = ssl.create_default_context()
+    return _default_tls
+
+
+class _Plan:
+    """Where one request goes and what it carries."""
+
+    __slots__ = ("host", "label", "origin", "path", "route")
+
+    def __init__(self, route: Route | None, origin: Origin, host: bytes, path: bytes) -> None:
+        self.route = route
+        self.origin = origin
+        self.host = host
+        self.path = path
+        self.label = route.name if route is not None else UNMATCHED
+
+
+class _Retry(Exception):
+    """The exchange should be sent again (stale keep-alive connection, or a 401)."""
+
+
+class Forwarder:
+    """Serves the forward-proxy port and every reverse-proxy port."""
+
+    def __init__(
+        self,
+        holder: RuntimeHolder,
+        pool: UpstreamPool,
+        metrics: Metrics,
+        tunnels: TunnelHandler,
+    ) -> None:
+        self._holder = holder
+        self._pool = pool
+        self._metrics = metrics
+        self._tunnels = tunnels
+        self._loop = asyncio.get_event_loop()
+
+    # -- entry points (ClientConnection handlers) ---------------------------
+
+    async def forward(
+        self, conn: ClientConnection, head: RequestHead, body: RequestBody | None
+    ) -> bool:
+        """A request on the forward-proxy port."""
+        if head.method == "CONNECT":
+            return await self._tunnels.handle_connect(conn, head)
+        try:
+            plan = self._plan_forward(head)
+        except ProxyError as error:
+            return self._refuse(conn, head, body, error, UNMATCHED)
+        return await self._serve(conn, head, body, plan)
+
+    def reverse_handler(self, upstream_name: str) -> _ReverseHandler:
+        return _ReverseHandler(self, upstream_name)
+
+    async def reverse(
+        self,
+        upstream_name: str,
+        conn: ClientConnection,
+        head: RequestHead,
+        body: RequestBody | None,
+    ) -> bool:
+        """A request on `upstream_name`'s own port: everything goes to its `url`."""
+        route = self._holder.current.routes.get(upstream_name)
+        try:
+            if route is None:
+                raise HostNotAllowed(
+                    "this upstream is no longer configured", upstream=upstream_name
+                )
+            if route.origin is None or route.host_header is None:
+                raise BadRequest("this upstream has no url to send to", upstream=upstream_name)
+            _check_host_fields(head)
+            path = head.target
+            if not path.startswith(b"/"):
+                if head.method == "OPTIONS" and path == b"*":
+                    pass
+                else:
+                    path = parse_absolute_target(path).path
+            plan = _Plan(route, route.origin, route.host_header, path)
+        except ProxyError as error:
+            return self._refuse(conn, head, body, error, upstream_name)
+        return await self._serve(conn, head, body, plan)
+
+    # -- planning ---------------------------------------------------------------
+
+    def _plan_forward(self, head: RequestHead) -> _Plan:
+        if not head.target or head.target.startswith(b"/") or head.target == b"*":
+            raise BadRequest(
+                "origin-form request on the forward-proxy port: send absolute-form "
+                "(http://host/path), as HTTP_PROXY clients do"
+            )
+        _check_host_fields(head)
+        target = parse_absolute_target(head.target)
+        runtime = self._holder.current
+        upstream = runtime.router.match(target.scheme, target.host, target.port, target.path)
+        route = runtime.route_for(upstream)
+        if route is None:
+            if runtime.config.unknown_hosts == "deny":
+                raise HostNotAllowed(f"{target.host} matches no configured upstream")
+            return _Plan(None, _origin_of(target), target.authority.encode("ascii"), target.path)
+        if route.origin is not None and route.host_header is not None:
+            if target.scheme == "https" and route.origin.scheme != "https":
+                raise BadRequest(
+                    "an https:// request would be sent over plain http with a token",
+                    upstream=route.name,
+                )
+            return _Plan(route, route.origin, route.host_header, target.path)
+        origin = _origin_of(target, route)
+        return _Plan(route, origin, target.authority.encode("ascii"), target.path)
+
+    # -- the exchange --------------------------------------------------------------
+
+    async def _serve(
+        self, conn: ClientConnection, head: RequestHead, body: RequestBody | None, plan: _Plan
+    ) -> bool:
+        started = self._loop.time()
+        route = plan.route
+        token: str | None = None
+        try:
+            if route is not None and head.method != "TRACE":
+                # RFC 9110 §9.3.8: TRACE echoes the request, so it never carries a credential.
+                provider = route.provider
+                token = provider.current()
+                if token is None:
+                    token = await provider.get()
+        except TokenUnavailable as error:
+            self._metrics.token_unavailable.labels(upstream=plan.label).inc()
+            return self._refuse(conn, head, body, error, plan.label, started=started)
+        kept = _KeptBody() if head.method in IDEMPOTENT else None
+        try:
+            try:
+                return await self._attempt(conn, head, body, plan, token, kept, started)
+            except _Retry:
+                # The idle keep-alive connection had been closed by the upstream before it
+                # read anything: sending again on a fresh one is safe (RFC 9110 §9.2.2).
+                return await self._attempt(conn, head, body, plan, token, kept, started, fresh=True)
+        except (ProxyError, _Retry) as error:
+            if isinstance(error, _Retry):
+                error = UpstreamUnreachable(
+                    "upstream closed the connection",
+                    upstream=plan.route.name if plan.route is not None else None,
+                )
+            return self._refuse(conn, head, body, error, plan.label, started=started)
+
+    async def _attempt(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        body: RequestBody | None,
+        plan: _Plan,
+        token: str | None,
+        kept: _KeptBody | None,
+        started: float,
+        *,
+        fresh: bool = False,
+        replay: bool = False,
+    ) -> bool:
+        route = plan.route
+        upconn, reused = await self._connection(plan, fresh=fresh)
+        exchange = upconn.begin(head_only=head.method == "HEAD")
+        if head.version == "1.1":
+            exchange.on_interim = lambda interim: conn.write(
+                response_head_bytes(
+                    interim.status, interim.reason, end_to_end(interim.headers), b""
+                )
+            )
+        upconn.write(self._request_head(head, plan, token))
+        body_task: asyncio.Task[None] | None = None
+        if body is not None:
+            source = kept if replay else body
+            body_task = self._loop.create_task(self._send_body(upconn, head, source, kept))
+        try:
+            response = await exchange.head
+        except ProxyError:
+            if body_task is not None:
+                body_task.cancel()
+            self._pool.discard(upconn)
+            if reused and not exchange.received_any and body is None and head.method in IDEMPOTENT:
+                raise _Retry() from None
+            raise
+        if (
+            response.status == 401
+            and token is not None
+            and route is not None
+            and not replay
+            and kept is not None
+            and await _sent_whole(body_task, kept)
+        ):
+            if body_task is not None:
+                body_task.cancel()
+            self._pool.discard(upconn)
+            self._metrics.upstream_unauthorized_retries.labels(upstream=route.name).inc()
+            log.info(
+                "upstream answered 401; retrying once with a new token",
+                extra={"event": "unauthorized_retry", "upstream": route.name},
+            )
+            route.provider.invalidate(token)
+            try:
+                new_token = await route.provider.get()
+            except TokenUnavailable as error:
+                self._metrics.token_unavailable.labels(upstream=route.name).inc()
+                return self._refuse(conn, head, body, error, plan.label, started=started)
+            return await self._attempt(
+                conn, head, body, plan, new_token, kept, started, replay=True
+            )
+        self._record(conn, head, plan.label, response.status, started, response.content_length)
+        if response.status == 101 and head.upgrade:
+            return self._upgrade(conn, upconn, exchange, response, body_task)
+        return await self._relay(conn, head, body, upconn, exchange, response, body_task)
+
+    async def _connection(self, plan: _Plan, *, fresh: bool) -> tuple[UpstreamConnection, bool]:
+        conn = None if fresh else self._pool.take_idle(plan.origin)
+        if conn is not None:
+            return conn, True
+        if plan.route is not None:
+            config = plan.route.config
+            connect_timeout, timeout = config.connect_timeout, config.timeout
+        else:
+            connect_timeout, timeout = 5.0, 60.0
+        conn = await self._pool.connect(
+            plan.origin, connect_timeout=connect_timeout, read_timeout=timeout
+        )
+        return conn, False
+
+    def _request_head(self, head: RequestHead, plan: _Plan, token: str | None) -> bytes:
+        if head.upgrade:
+            headers = end_to_end(head.headers, keep=UPGRADE_KEEP)
+            headers.append((b"Connection", b"Upgrade"))
+        else:
+            headers = end_to_end(head.headers)
+        if token is not None and plan.route is not None:
+            headers, _ = inject(
+                headers,
+                plan.route.header_name,
+                b"Bearer " + token.encode("ascii"),
+                overwrite=plan.route.config.overwrite,
+            )
+        if head.chunked:
+            framing = b"Transfer-Encoding: chunked\r\n"
+        elif head.content_length is not None:
+            framing = b"Content-Length: %d\r\n" % head.content_length
+        else:
+            framing = b""
+        return request_head_bytes(head.method, plan.path, plan.host, headers, framing)
+
+    async def _send_body(
+        self,
+        upconn: UpstreamConnection,
+        head: RequestHead,
+        source: RequestBody | _KeptBody | None,
+        kept: _KeptBody | None,
+    ) -> None:
+        """Stream the request body upstream (from the client, or from `kept` on a replay)."""
+        chunked = head.chunked
+        if isinstance(source, _KeptBody):
+            for piece in source.chunks:
+                upconn.write(chunk(piece) if chunked else piece)
+        elif source is not None:
+            while (data := await source.read()) is not None:
+                if kept is not None:
+                    kept.add(data)
+                upconn.write(chunk(data) if chunked else data)
+                await upconn.drain()
+        if chunked:
+            upconn.write(LAST_CHUNK)
+
+    async def _relay(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        body: RequestBody | None,
+        upconn: UpstreamConnection,
+        exchange: Exchange,
+        response: ResponseHead,
+        body_task: asyncio.Task[None] | None,
+    ) -> bool:
+        keep_alive = head.keep_alive and not conn.listener.draining
+        no_body = head.method == "HEAD" or response.status in (204, 304)
+        rechunk = False
+        if no_body:
+            if response.content_length is not None and response.status != 204:
+                framing = b"Content-Length: %d\r\n" % response.content_length
+            elif response.chunked and head.method == "HEAD":
+                framing = b"Transfer-Encoding: chunked\r\n"
+            else:
+                framing = b""
+        elif response.content_length is not None:
+            framing = b"Content-Length: %d\r\n" % response.content_length
+        elif head.version == "1.1":
+            framing = b"Transfer-Encoding: chunked\r\n"
+            rechunk = True
+        else:
+            framing = b""
+            keep_alive = False  # close-delimited for an HTTP/1.0 client
+        if keep_alive and body is not None and not body.done:
+            # The upstream answered before reading the whole request body (early 4xx):
+            # what is left of it cannot be told apart from a next request.
+            keep_alive = False
+        if not keep_alive:
+            framing += b"Connection: close\r\n"
+        elif head.version == "1.0":
+            framing += b"Connection: keep-alive\r\n"
+        conn.write(
+            response_head_bytes(
+                response.status, response.reason, end_to_end(response.headers), framing
+            )
+        )
+        if not no_body:
+            try:
+                await self._stream_response(conn, upconn, exchange, rechunk)
+            except (ProxyError, ConnectionError):
+                # Too late for an error response: the client sees a cut-short body.
+                if body_task is not None:
+                    body_task.cancel()
+                self._pool.discard(upconn)
+                conn.abort()
+                return False
+        if body_task is not None:
+            if not body_task.done():
+                body_task.cancel()
+                keep_alive = False
+                upconn.abort_after_exchange = True
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await body_task
+        self._pool.release(upconn)
+        return keep_alive
+
+    async def _stream_response(
+        self, conn: ClientConnection, upconn: UpstreamConnection, exchange: Exchange, rechunk: bool
+    ) -> None:
+        write = conn.write
+
+        def sink(data: bytes) -> None:
+            write(chunk(data) if rechunk else data)
+            if conn.write_paused:
+                upconn.pause_reading()
+
+        conn.on_resume_writing = upconn.resume_reading
+        try:
+            exchange.attach(sink)
+            await exchange.done
+        finally:
+            conn.on_resume_writing = None
+        if conn.closed:
+            raise ConnectionResetError("client went away")
+        if rechunk:
+            write(LAST_CHUNK)
+
+    def _upgrade(
+        self,
+        conn: ClientConnection,
+        upconn: UpstreamConnection,
+        exchange: Exchange,
+        response: ResponseHead,
+        body_task: asyncio.Task[None] | None,
+    ) -> bool:
+        if body_task is not None:
+            body_task.cancel()
+        headers = end_to_end(response.headers, keep=UPGRADE_KEEP)
+        conn.write(response_head_bytes(101, response.reason, headers, b"Connection: Upgrade\r\n"))
+        upstream_tail = exchange.upgrade_tail
+        transport = upconn.detach()
+        splice(
+            conn, transport, upstream_tail, idle_timeout=conn.listener.limits.tunnel_idle_timeout
+        )
+        return False
+
+    def _record(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        label: str,
+        status: int,
+        started: float | None,
+        size: int | None,
+    ) -> None:
+        elapsed = self._loop.time() - started if started is not None else 0.0
+        self._metrics.observe_request(label, status, elapsed)
+        if self._holder.current.config.access_log:
+            log_access(
+                upstream=label,
+                method=head.method,
+                host=_host_of(head),
+                path=head.target.decode("latin-1"),
+                status=status,
+                duration_s=elapsed,
+                bytes_out=size or 0,
+                client=conn.peer,
+            )
+
+    # -- answers of our own ------------------------------------------------------
+
+    def _refuse(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        body: RequestBody | None,
+        error: ProxyError,
+        label: str,
+        *,
+        started: float | None = None,
+    ) -> bool:
+        """Answer `error` ourselves. The connection stays open only if the body was consumed."""
+        keep_alive = head.keep_alive and (body is None or body.done) and not head.upgrade
+        keep_alive = keep_alive and not conn.listener.draining and error.status not in (400, 413)
+        if error.upstream is None and label != UNMATCHED:
+            error.upstream = label
+        conn.send_error(error, keep_alive=keep_alive)
+        self._record(conn, head, label, error.status, started, None)
+        if error.status >= 500:
+            log.warning(
+                "request failed",
+                extra={
+                    "event": "request_error",
+                    "upstream": label,
+                    "error": error.code,
+                    "status": error.status,
+                    "detail": error.detail,
+                },
+            )
+        return keep_alive
+
+
+class _ReverseHandler:
+    """The `RequestHandler` of one reverse-proxy port."""
+
+    def __init__(self, forwarder: Forwarder, upstream_name: str) -> None:
+        self._forwarder = forwarder
+        self._upstream = upstream_name
+
+    def __call__(
+        self, conn: ClientConnection, head: RequestHead, body: RequestBody | None
+    ) -> Awaitable[bool]:
+        return self._forwarder.reverse(self._upstream, conn, head, body)
+
+
+def _host_of(head: RequestHead) -> str:
+    values = header_values(head.headers, b"host")
+    return values[0].decode("latin-1") if values else "-"
+
+
+def _check_host_fields(head: RequestHead) -> None:
+    hosts = header_values(head.headers, b"host")
+    if len(hosts) > 1:
+        raise BadRequest("more than one Host header")  # RFC 9112 §3.2
+    if not hosts and head.version == "1.1":
+        raise BadRequest("missing Host header")
+
+
+def _origin_of(target: Target, route: Route | None = None) -> Origin:
+    tls: ssl.SSLContext | None = None
+    if target.scheme == "https":
+        if route is not None:
+            from proxy.tls_context import client_ssl_context
+
+            tls = client_ssl_context(route.config.tls)
+        else:
+            tls = _passthrough_tls()
+    return Origin(target.scheme, target.host, target.port, tls)
+
+
+class _KeptBody:
+    """A copy of a request body while it is small enough to replay after a 401."""
+
+    __slots__ = ("chunks", "overflow", "size")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.overflow = False
+
+    def add(self, data: bytes) -> None:
+        if self.overflow:
+            return
+        self.size += len(data)
+        if self.size > REPLAY_LIMIT:
+            self.overflow = True
+            self.chunks.clear()
+        else:
+            self.chunks.append(data)
+
+
+async def _sent_whole(body_task: asyncio.Task[None] | None, kept: _KeptBody) -> bool:
+    """Whether the request body was sent whole and kept, so that it can be replayed."""
+    if body_task is None:
+        return True
+    if not body_task.done():
+        # The 401 came before the body was sent; a small body still arrives quickly.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(body_task), timeout=1.0)
+    if not body_task.done() or body_task.cancelled() or body_task.exception() is not None:
+        return False
+    return not kept.overflow
+
+
+def split_connect_target(target: bytes) -> tuple[str, int]:
+    """`host:port` of a CONNECT request (RFC 9110 §9.3.6): the port is required."""
+    try:
+        text = target.decode("ascii")
+    except UnicodeDecodeError:
+        raise BadRequest("CONNECT target is not ASCII") from None
+    return split_authority(text, None)
+
+
+__all__ = ["DEFAULT_PORTS", "Forwarder", "Headers", "split_connect_target"]

@@ -1,0 +1,167 @@
+"""HTTP/1.1 message heads: header filtering, token injection and serialisation.
+
+Headers are kept as lists of raw ``(name, value)`` byte pairs in the order and case
+they arrived, so that what the proxy forwards is what the client sent, minus what
+RFC 9110 §7.6.1 says a proxy must not forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 §7.6.1 hop-by-hop fields, the legacy ones real clients still send, and the
+# proxy's own credentials (Proxy-Authorization is meant for this hop only).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Written by the proxy itself from what it knows about the message it sends.
+FRAMING = frozenset({b"content-length", b"host"})
+
+_STATUS_REASONS = {
+    100: b"Continue",
+    101: b"Switching Protocols",
+    200: b"OK",
+    204: b"No Content",
+    304: b"Not Modified",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """A parsed request head, as received from the client."""
+
+    method: str
+    target: bytes
+    version: str
+    headers: Headers
+    keep_alive: bool
+    upgrade: bool = False
+    content_length: int | None = None
+    chunked: bool = False
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    """A parsed response head, as received from the upstream."""
+
+    status: int
+    reason: bytes
+    version: str
+    headers: Headers
+    keep_alive: bool
+    content_length: int | None = None
+    chunked: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def connection_tokens(headers: Headers) -> frozenset[bytes]:
+    """Lower-cased field names listed in Connection headers (RFC 9110 §7.6.1)."""
+    names: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            names.update(part.strip().lower() for part in value.split(b",") if part.strip())
+    return frozenset(names)
+
+
+def end_to_end(headers: Headers, *, keep: frozenset[bytes] = frozenset()) -> Headers:
+    """`headers` without hop-by-hop fields, fields named in Connection, and framing fields.
+
+    Names in `keep` survive (used for Upgrade on a WebSocket handshake).
+    """
+    listed = connection_tokens(headers)
+    dropped = (HOP_BY_HOP | FRAMING | listed) - keep
+    return [(name, value) for name, value in headers if name.lower() not in dropped]
+
+
+def header_values(headers: Headers, name: bytes) -> list[bytes]:
+    lowered = name.lower()
+    return [value for key, value in headers if key.lower() == lowered]
+
+
+def inject(headers: Headers, name: bytes, value: bytes, *, overwrite: bool) -> tuple[Headers, bool]:
+    """Set `name: value` once. Returns the new headers and whether the value was injected.
+
+    With `overwrite`, every field of that name the client sent is removed first (never
+    duplicated or comma-joined); without it, a client's own field wins and nothing is added.
+    """
+    lowered = name.lower()
+    present = any(key.lower() == lowered for key, _ in headers)
+    if present and not overwrite:
+        return headers, False
+    kept = [(key, val) for key, val in headers if key.lower() != lowered] if present else headers
+    kept.append((name, value))
+    return kept, True
+
+
+def serialise_headers(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    return b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+
+
+def request_head_bytes(
+    method: str, path: bytes, host: bytes, headers: Headers, framing: bytes
+) -> bytes:
+    """The request head sent upstream: HTTP/1.1, our Host first, then the end-to-end fields."""
+    return b"".join(
+        (
+            method.encode("ascii"),
+            b" ",
+            path,
+            b" HTTP/1.1\r\nHost: ",
+            host,
+            b"\r\n",
+            serialise_headers(headers),
+            framing,
+            b"\r\n",
+        )
+    )
+
+
+def response_head_bytes(status: int, reason: bytes, headers: Headers, framing: bytes) -> bytes:
+    if not reason:
+        reason = _STATUS_REASONS.get(status, b"Unknown")
+    return b"".join(
+        (
+            b"HTTP/1.1 ",
+            str(status).encode("ascii"),
+            b" ",
+            reason,
+            b"\r\n",
+            serialise_headers(headers),
+            framing,
+            b"\r\n",
+        )
+    )
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (RFC 9112 §7.1)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"

@@ -1,0 +1,145 @@
+"""Which upstream a request belongs to: request-target parsing and host matching.
+
+The rules that keep a token on the hosts it was meant for live here:
+
+* A host matches only exactly (case-insensitive, one trailing dot ignored), and only
+  on the port it names, or on the scheme's default port when it names none.
+* Anything that is not a plain DNS name or IP literal (userinfo, percent-encoding,
+  non-ASCII, empty labels) is refused as a bad request rather than guessed at.
+* An optional `path_prefix` matches on a segment boundary.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from proxy.config import UpstreamConfig
+from proxy.errors import BadRequest
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+# RFC 3986 reg-name restricted to what DNS allows: letters, digits, '-', '_' and dots.
+_HOSTNAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a client asked to go: scheme, normalised host, port and the raw path+query."""
+
+    scheme: str
+    host: str
+    port: int
+    path: bytes  # byte for byte as received (never re-encoded), at least b"/"
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
+
+
+def normalise_host(raw: str) -> str:
+    """Lower-case `raw` (a host without port), drop one trailing dot; BadRequest if not a host."""
+    if raw.startswith("[") and raw.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(raw[1:-1]))
+        except ValueError:
+            raise BadRequest(f"invalid IPv6 literal {raw!r}") from None
+    host = raw.lower()
+    if host.endswith("."):
+        host = host[:-1]
+    if not host.isascii() or not _HOSTNAME.match(host):
+        raise BadRequest(f"invalid host {raw!r}")
+    return host
+
+
+def split_authority(authority: str, default_port: int | None) -> tuple[str, int]:
+    """`host[:port]` → (normalised host, port); BadRequest on anything else."""
+    if "@" in authority:
+        raise BadRequest("userinfo is not allowed in the request target")
+    if authority.startswith("["):
+        end = authority.find("]")
+        if end < 0:
+            raise BadRequest("unterminated IPv6 literal")
+        host_part, rest = authority[: end + 1], authority[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise BadRequest(f"invalid authority {authority!r}")
+        port_part = rest[1:] if rest else None
+    else:
+        host_part, sep, port_part_raw = authority.partition(":")
+        port_part = port_part_raw if sep else None
+    if port_part is None:
+        if default_port is None:
+            raise BadRequest(f"a port is required in {authority!r}")
+        port = default_port
+    else:
+        if not port_part.isdigit() or len(port_part) > 5 or not 0 < int(port_part) < 65536:
+            raise BadRequest(f"invalid port in {authority!r}")
+        port = int(port_part)
+    if not host_part:
+        raise BadRequest("empty host")
+    return normalise_host(host_part), port
+
+
+def parse_absolute_target(target: bytes) -> Target:
+    """Parse an absolute-form request target (RFC 9112 §3.2.2), keeping the path's bytes."""
+    try:
+        text = target.decode("ascii")
+    except UnicodeDecodeError:
+        raise BadRequest("request target is not ASCII") from None
+    scheme, sep, rest = text.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in DEFAULT_PORTS:
+        raise BadRequest("the forward-proxy port takes absolute-form http:// targets")
+    cut = len(rest)
+    for delimiter in "/?#":
+        index = rest.find(delimiter)
+        if 0 <= index < cut:
+            cut = index
+    authority, path = rest[:cut], rest[cut:]
+    if "#" in path:
+        raise BadRequest("a fragment is not allowed in the request target")
+    host, port = split_authority(authority, DEFAULT_PORTS[scheme])
+    if not path.startswith("/"):
+        path = "/" + path
+    return Target(scheme, host, port, path.encode("ascii"))
+
+
+def path_matches(prefix: str | None, path: bytes) -> bool:
+    """Segment-boundary prefix match of the path (query excluded)."""
+    if prefix is None:
+        return True
+    raw = path.split(b"?", 1)[0]
+    encoded = prefix.encode("ascii")
+    return raw == encoded or raw.startswith(encoded + b"/")
+
+
+class Router:
+    """Maps (scheme, host, port, path) to the upstream that matches it, if any."""
+
+    def __init__(self, upstreams: tuple[UpstreamConfig, ...]) -> None:
+        self.upstreams = upstreams
+        # Exact (host, port) -> candidates; port None stands for the scheme default.
+        self._table: dict[tuple[str, int | None], list[UpstreamConfig]] = {}
+        for upstream in upstreams:
+            for entry in upstream.match.hosts:
+                self._table.setdefault((entry.host, entry.port), []).append(upstream)
+
+    def match(self, scheme: str, host: str, port: int, path: bytes) -> UpstreamConfig | None:
+        candidates = self._table.get((host, port))
+        if candidates is None and port == DEFAULT_PORTS.get(scheme):
+            candidates = self._table.get((host, None))
+        if not candidates:
+            return None
+        for upstream in candidates:
+            if path_matches(upstream.match.path_prefix, path):
+                return upstream
+        return None
+
+    def claimants(self, scheme: str, host: str, port: int) -> list[UpstreamConfig]:
+        """The upstreams that match this host and port on some path (for CONNECT)."""
+        found = list(self._table.get((host, port), ()))
+        if port == DEFAULT_PORTS.get(scheme):
+            found.extend(self._table.get((host, None), ()))
+        return found

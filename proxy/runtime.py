@@ -1,0 +1,75 @@
+"""The state requests are served from, built once per configuration.
+
+A `Runtime` is everything derived from a `ProxyConfig` that the request path needs,
+computed at start-up (or reload) so the hot path only looks things up: the router,
+and per upstream a `Route` with its token provider, header name, target origin and
+Host value. `RuntimeHolder.current` is swapped in one assignment on reload, so a
+request sees either the old or the new configuration, never a mix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proxy.config import ProxyConfig, UpstreamConfig
+from proxy.routing import Router
+from proxy.tls_context import client_ssl_context
+from proxy.tokens import TokenProvider
+from proxy.upstream_pool import Origin
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A configured upstream, ready for the request path."""
+
+    config: UpstreamConfig
+    provider: TokenProvider
+    header_name: bytes
+    # Set when the upstream has a `url`: every matched request goes there.
+    origin: Origin | None
+    host_header: bytes | None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+def build_route(upstream: UpstreamConfig, provider: TokenProvider) -> Route:
+    origin: Origin | None = None
+    host_header: bytes | None = None
+    if upstream.url is not None:
+        url = upstream.url
+        tls = client_ssl_context(upstream.tls) if url.scheme == "https" else None
+        origin = Origin(url.scheme, url.host, url.port, tls)
+        host_header = url.authority.encode("ascii")
+    return Route(
+        config=upstream,
+        provider=provider,
+        header_name=upstream.header.encode("ascii"),
+        origin=origin,
+        host_header=host_header,
+    )
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One configuration's router and routes."""
+
+    config: ProxyConfig
+    router: Router
+    routes: dict[str, Route]
+
+    @classmethod
+    def build(cls, config: ProxyConfig, providers: dict[str, TokenProvider]) -> Runtime:
+        routes = {u.name: build_route(u, providers[u.name]) for u in config.upstreams}
+        return cls(config=config, router=Router(config.upstreams), routes=routes)
+
+    def route_for(self, upstream: UpstreamConfig | None) -> Route | None:
+        return None if upstream is None else self.routes[upstream.name]
+
+
+class RuntimeHolder:
+    """The current `Runtime`; replaced whole on reload."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.current = runtime

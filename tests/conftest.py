@@ -1,0 +1,129 @@
+"""Shared fixtures: a real token endpoint, a real upstream API and a running proxy."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from proxy.app import ProxyApp
+from proxy.config import (
+    Address,
+    HostMatch,
+    MatchConfig,
+    ProxyConfig,
+    Secret,
+    TargetUrl,
+    TokenConfig,
+    UpstreamConfig,
+)
+from proxy.metrics import Metrics
+from tests.support.token_server import TokenServer
+from tests.support.upstream import Upstream
+
+CLIENT_ID = "order-service"
+CLIENT_SECRET = "s3cret:with+odd%chars"
+
+
+@pytest.fixture
+async def token_server() -> AsyncIterator[TokenServer]:
+    async with TokenServer(clients={CLIENT_ID: CLIENT_SECRET}) as server:
+        yield server
+
+
+@pytest.fixture
+async def upstream(token_server: TokenServer) -> AsyncIterator[Upstream]:
+    def validate(authorization: str | None) -> bool:
+        if authorization is None or not authorization.startswith("Bearer "):
+            return True  # unauthenticated calls are recorded, not refused
+        return token_server.is_valid(authorization.removeprefix("Bearer "))
+
+    async with Upstream(validate=validate) as server:
+        yield server
+
+
+def token_config(server: TokenServer, **changes: Any) -> TokenConfig:
+    base = TokenConfig(
+        client_id=CLIENT_ID,
+        token_url=server.url,
+        client_secret=Secret(CLIENT_SECRET),
+        timeout=5.0,
+        retry_initial=0.2,
+        retry_max=1.0,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def upstream_config(
+    name: str,
+    hosts: list[str],
+    token: TokenConfig,
+    *,
+    url: str | None = None,
+    **changes: Any,
+) -> UpstreamConfig:
+    matches = []
+    for entry in hosts:
+        host, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        matches.append(HostMatch(host or entry, int(port) if port else None))
+    target = None
+    if url is not None:
+        scheme, _, rest = url.partition("://")
+        host, _, port = rest.partition(":")
+        target = TargetUrl(scheme, host, int(port) if port else (443 if scheme == "https" else 80))  # type: ignore[arg-type]
+    return UpstreamConfig(
+        name=name,
+        match=MatchConfig(tuple(matches), changes.pop("path_prefix", None)),
+        token=token,
+        url=target,
+        **changes,
+    )
+
+
+def proxy_config(*upstreams: UpstreamConfig, **changes: Any) -> ProxyConfig:
+    return ProxyConfig(
+        upstreams=tuple(upstreams),
+        listen=Address("127.0.0.1", 0),
+        admin_listen=Address("127.0.0.1", 0),
+        **changes,
+    )
+
+
+StartProxy = Callable[[ProxyConfig], Awaitable[ProxyApp]]
+
+
+@pytest.fixture
+async def start_proxy() -> AsyncIterator[StartProxy]:
+    apps: list[ProxyApp] = []
+
+    async def start(config: ProxyConfig) -> ProxyApp:
+        app = ProxyApp(config, metrics=Metrics())
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        await app.shutdown()
+
+
+@pytest.fixture
+async def inventory_proxy(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> ProxyApp:
+    """A proxy whose upstream `inventory` matches inventory.internal and sends to `upstream`."""
+    config = proxy_config(
+        upstream_config(
+            "inventory",
+            ["inventory.internal"],
+            token_config(token_server),
+            url=upstream.url,
+        )
+    )
+    return await start_proxy(config)
+
+
+def proxy_url(app: ProxyApp) -> str:
+    return f"http://127.0.0.1:{app.port}"

@@ -1,0 +1,393 @@
+"""The forward proxy (HTTP_PROXY) with real clients: aiohttp, requests and curl."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import shutil
+import subprocess
+
+import aiohttp
+import pytest
+import requests
+
+from proxy.app import ProxyApp
+from tests.conftest import StartProxy, proxy_config, proxy_url, token_config, upstream_config
+from tests.support.token_server import TokenServer
+from tests.support.upstream import Upstream
+
+
+async def get(app: ProxyApp, url: str, **kwargs: object) -> tuple[int, dict[str, str], bytes]:
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as session,
+        session.get(url, proxy=proxy_url(app), allow_redirects=False, **kwargs) as response,  # type: ignore[arg-type]
+    ):
+        return response.status, dict(response.headers), await response.read()
+
+
+async def test_matched_request_gets_the_token_and_exact_path(
+    inventory_proxy: ProxyApp, upstream: Upstream, token_server: TokenServer
+) -> None:
+    status, _, body = await get(
+        inventory_proxy, "http://inventory.internal/api/stock/1?sku=a%2Fb&x=%20"
+    )
+    assert status == 200
+    seen = upstream.last()
+    assert seen.path == "/api/stock/1?sku=a%2Fb&x=%20"
+    assert seen.header("Host") == "inventory.internal"
+    assert seen.all("Authorization") == [f"Bearer {token_server.issued[-1]}"]
+    assert json.loads(body)["path"] == "/api/stock/1?sku=a%2Fb&x=%20"
+
+
+async def test_requests_library_through_the_proxy(
+    inventory_proxy: ProxyApp, upstream: Upstream, token_server: TokenServer
+) -> None:
+    proxies = {"http": proxy_url(inventory_proxy)}
+
+    def call() -> requests.Response:
+        return requests.post(
+            "http://inventory.internal/orders", json={"sku": 1}, proxies=proxies, timeout=10
+        )
+
+    response = await asyncio.to_thread(call)
+    assert response.status_code == 200
+    seen = upstream.last()
+    assert seen.method == "POST"
+    assert seen.header("Authorization") == f"Bearer {token_server.issued[-1]}"
+    assert json.loads(response.json()["body"]) == {"sku": 1}
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_curl_with_http_proxy(
+    inventory_proxy: ProxyApp, upstream: Upstream, token_server: TokenServer
+) -> None:
+    result = await asyncio.to_thread(
+        subprocess.run,
+        ["curl", "-sS", "-x", proxy_url(inventory_proxy), "http://inventory.internal/api/stock/7"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["path"] == "/api/stock/7"
+    assert upstream.last().header("Authorization") == f"Bearer {token_server.issued[-1]}"
+
+
+async def test_unmatched_host_passes_through_without_token(
+    inventory_proxy: ProxyApp, upstream: Upstream
+) -> None:
+    status, _, _ = await get(inventory_proxy, f"{upstream.url}/plain?q=1")
+    assert status == 200
+    seen = upstream.last()
+    assert seen.path == "/plain?q=1"
+    assert seen.header("Authorization") is None
+    assert seen.header("Host") == f"127.0.0.1:{upstream.port}"
+
+
+async def test_unknown_hosts_deny_answers_403(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    app = await start_proxy(
+        proxy_config(
+            upstream_config(
+                "inventory", ["inventory.internal"], token_config(token_server), url=upstream.url
+            ),
+            unknown_hosts="deny",
+        )
+    )
+    status, headers, body = await get(app, f"{upstream.url}/x")
+    assert status == 403
+    assert headers["Content-Type"] == "application/json"
+    assert json.loads(body)["error"] == "host_not_allowed"
+    assert json.loads(body)["upstream"] is None
+    assert upstream.received == []
+
+
+async def test_hop_by_hop_and_proxy_authorization_are_not_forwarded(
+    inventory_proxy: ProxyApp, upstream: Upstream
+) -> None:
+    headers = {
+        "Connection": "keep-alive, X-Drop-Me",
+        "X-Drop-Me": "1",
+        "Keep-Alive": "timeout=5",
+        "Proxy-Authorization": "Basic cHJveHk6c2VjcmV0",
+        "TE": "trailers",
+        "X-Keep-Me": "yes",
+    }
+    status, _, _ = await get(inventory_proxy, "http://inventory.internal/h", headers=headers)
+    assert status == 200
+    names = {name.lower() for name, _ in upstream.last().headers}
+    assert "x-keep-me" in names
+    assert not names & {"x-drop-me", "keep-alive", "proxy-authorization", "te"}
+
+
+async def test_overwrite_replaces_the_applications_authorization_once(
+    inventory_proxy: ProxyApp, upstream: Upstream, token_server: TokenServer
+) -> None:
+    await get(
+        inventory_proxy, "http://inventory.internal/a", headers={"Authorization": "Basic abc"}
+    )
+    assert upstream.last().all("Authorization") == [f"Bearer {token_server.issued[-1]}"]
+
+
+async def test_overwrite_false_keeps_the_applications_authorization(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    app = await start_proxy(
+        proxy_config(
+            upstream_config(
+                "inventory",
+                ["inventory.internal"],
+                token_config(token_server),
+                url=upstream.url,
+                overwrite=False,
+            )
+        )
+    )
+    await get(app, "http://inventory.internal/a", headers={"Authorization": "Basic abc"})
+    assert upstream.last().all("Authorization") == ["Basic abc"]
+    await get(app, "http://inventory.internal/b")
+    assert upstream.last().all("Authorization") == [f"Bearer {token_server.issued[-1]}"]
+
+
+async def test_custom_header_name(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    app = await start_proxy(
+        proxy_config(
+            upstream_config(
+                "inventory",
+                ["inventory.internal"],
+                token_config(token_server),
+                url=upstream.url,
+                header="X-Api-Token",
+            )
+        )
+    )
+    await get(app, "http://inventory.internal/a")
+    seen = upstream.last()
+    assert seen.all("X-Api-Token") == [f"Bearer {token_server.issued[-1]}"]
+    assert seen.header("Authorization") is None
+
+
+async def test_redirects_cookies_and_encodings_come_back_untouched(
+    inventory_proxy: ProxyApp, upstream: Upstream
+) -> None:
+    status, headers, _ = await get(inventory_proxy, "http://inventory.internal/redirect")
+    assert status == 302
+    assert headers["Location"] == "http://elsewhere.example/landing"
+    assert len(upstream.received) == 1  # not followed
+
+    status, headers, _ = await get(inventory_proxy, "http://inventory.internal/cookie")
+    assert "session=abc123" in headers["Set-Cookie"]
+
+    status, headers, body = await get(inventory_proxy, "http://inventory.internal/gzip")
+    assert headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(body) == b"hello " * 100
+
+
+async def test_no_headers_of_its_own_are_added(
+    inventory_proxy: ProxyApp, upstream: Upstream
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", inventory_proxy.port)
+    writer.write(b"GET http://inventory.internal/bare HTTP/1.1\r\nHost: inventory.internal\r\n\r\n")
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.close()
+    names = sorted(name.lower() for name, _ in upstream.last().headers)
+    assert names == ["authorization", "host"]
+
+
+async def test_chunked_request_and_response_stream(
+    inventory_proxy: ProxyApp, upstream: Upstream
+) -> None:
+    async def produce():  # type: ignore[no-untyped-def]
+        for _ in range(20):
+            yield b"z" * 10_000
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            "http://inventory.internal/upload", data=produce(), proxy=proxy_url(inventory_proxy)
+        ) as response,
+    ):
+        assert response.status == 200
+        assert (await response.json())["size"] == 200_000
+    assert upstream.last().header("Transfer-Encoding") == "chunked"
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            "http://inventory.internal/stream/300000", proxy=proxy_url(inventory_proxy)
+        ) as response,
+    ):
+        assert response.headers["Transfer-Encoding"] == "chunked"
+        assert len(await response.read()) == 300_000
+
+
+async def test_keep_alive_connections_to_the_upstream_are_reused(
+    inventory_proxy: ProxyApp, upstream: Upstream
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        for index in range(5):
+            async with session.get(
+                f"http://inventory.internal/k{index}", proxy=proxy_url(inventory_proxy)
+            ) as r:
+                assert r.status == 200
+                await r.read()
+    peers = {seen.peer for seen in upstream.received}
+    assert len(upstream.received) == 5
+    assert len(peers) == 1
+
+
+async def test_upstream_down_is_502(start_proxy: StartProxy, token_server: TokenServer) -> None:
+    app = await start_proxy(
+        proxy_config(
+            upstream_config(
+                "inventory",
+                ["inventory.internal"],
+                token_config(token_server),
+                url="http://127.0.0.1:9",
+            )
+        )
+    )
+    status, _, body = await get(app, "http://inventory.internal/x")
+    assert status == 502
+    assert json.loads(body) == {
+        "error": "upstream_unreachable",
+        "upstream": "inventory",
+        "detail": json.loads(body)["detail"],
+    }
+
+
+async def test_upstream_silence_is_504(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    app = await start_proxy(
+        proxy_config(
+            upstream_config(
+                "inventory",
+                ["inventory.internal"],
+                token_config(token_server),
+                url=upstream.url,
+                timeout=0.5,
+            )
+        )
+    )
+    status, _, body = await get(app, "http://inventory.internal/slow/1")
+    upstream.release.set()
+    assert status == 504
+    assert json.loads(body)["error"] == "upstream_timeout"
+
+
+async def test_token_unavailable_is_503_with_retry_after(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    token_server.set_failing("500")
+    app = await start_proxy(
+        proxy_config(
+            upstream_config(
+                "inventory", ["inventory.internal"], token_config(token_server), url=upstream.url
+            )
+        )
+    )
+    status, headers, body = await get(app, "http://inventory.internal/x")
+    assert status == 503
+    assert int(headers["Retry-After"]) >= 1
+    assert json.loads(body)["error"] == "token_unavailable"
+    assert json.loads(body)["upstream"] == "inventory"
+    assert upstream.received == []  # never sent without a token
+    # Other traffic is unaffected.
+    status, _, _ = await get(app, f"{upstream.url}/plain")
+    assert status == 200
+
+
+async def test_path_prefix_limits_what_gets_the_token(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    host = f"127.0.0.1:{upstream.port}"
+    app = await start_proxy(
+        proxy_config(
+            upstream_config("inventory", [host], token_config(token_server), path_prefix="/api")
+        )
+    )
+    for path, expect_token in [
+        ("/api", True),
+        ("/api/x?y", True),
+        ("/apiary", False),
+        ("/other", False),
+    ]:
+        status, _, _ = await get(app, f"http://{host}{path}")
+        assert status == 200
+        assert (upstream.last().header("Authorization") is not None) is expect_token, path
+
+
+async def test_websocket_upgrade_carries_the_token(
+    inventory_proxy: ProxyApp, token_server: TokenServer
+) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect("http://inventory.internal/ws", proxy=proxy_url(inventory_proxy)) as ws,
+    ):
+        hello = json.loads(await ws.receive_str())
+        assert hello["authorization"] == f"Bearer {token_server.issued[-1]}"
+        await ws.send_str("ping")
+        assert await ws.receive_str() == "echo:ping"
+        await ws.send_bytes(b"\x00\x01" * 1000)
+        assert await ws.receive_bytes() == b"\x00\x01" * 1000
+
+
+async def test_reverse_proxy_port(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    from proxy.config import Address
+
+    app = await start_proxy(
+        proxy_config(
+            upstream_config(
+                "inventory",
+                ["inventory.internal"],
+                token_config(token_server),
+                url=upstream.url,
+                listen=Address("127.0.0.1", 0),
+            )
+        )
+    )
+    port = app.reverse_listeners["inventory"].port
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/api/x?y=%2F") as r,
+    ):
+        assert r.status == 200
+    seen = upstream.last()
+    assert seen.path == "/api/x?y=%2F"
+    assert seen.header("Authorization") == f"Bearer {token_server.issued[-1]}"
+    assert seen.header("Host") == f"127.0.0.1:{upstream.port}"
+
+
+async def test_origin_form_on_the_forward_port_is_400(
+    inventory_proxy: ProxyApp, upstream: Upstream
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", inventory_proxy.port)
+    writer.write(b"GET /api HTTP/1.1\r\nHost: inventory.internal\r\n\r\n")
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 400")
+    assert b'"error":"bad_request"' in data
+    assert upstream.received == []
+
+
+async def test_metrics_count_requests(inventory_proxy: ProxyApp, upstream: Upstream) -> None:
+    await get(inventory_proxy, "http://inventory.internal/m")
+    await get(inventory_proxy, f"{upstream.url}/m")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{inventory_proxy.admin_port}/metrics") as r,
+    ):
+        text = await r.text()
+    assert 'token_proxy_requests_total{code="200",upstream="inventory"} 1.0' in text
+    assert 'token_proxy_requests_total{code="200",upstream="unmatched"} 1.0' in text
+    assert 'token_proxy_token_fetches_total{outcome="success",upstream="inventory"} 1.0' in text
