@@ -11,6 +11,7 @@ import subprocess
 import aiohttp
 import pytest
 import requests
+from yarl import URL
 
 from proxy.app import ProxyApp
 from tests.conftest import StartProxy, proxy_config, proxy_url, token_config, upstream_config
@@ -19,9 +20,15 @@ from tests.support.upstream import Upstream
 
 
 async def get(app: ProxyApp, url: str, **kwargs: object) -> tuple[int, dict[str, str], bytes]:
+    """GET `url` through the proxy; the URL is sent as written (encoded=True)."""
     async with (
         aiohttp.ClientSession(auto_decompress=False) as session,
-        session.get(url, proxy=proxy_url(app), allow_redirects=False, **kwargs) as response,  # type: ignore[arg-type]
+        session.get(
+            URL(url, encoded=True),
+            proxy=proxy_url(app),
+            allow_redirects=False,
+            **kwargs,  # type: ignore[arg-type]
+        ) as response,
     ):
         return response.status, dict(response.headers), await response.read()
 
@@ -35,7 +42,8 @@ async def test_matched_request_gets_the_token_and_exact_path(
     assert status == 200
     seen = upstream.last()
     assert seen.path == "/api/stock/1?sku=a%2Fb&x=%20"
-    assert seen.header("Host") == "inventory.internal"
+    # The upstream's `url` decides where the request goes, and so its Host.
+    assert seen.header("Host") == f"127.0.0.1:{upstream.port}"
     assert seen.all("Authorization") == [f"Bearer {token_server.issued[-1]}"]
     assert json.loads(body)["path"] == "/api/stock/1?sku=a%2Fb&x=%20"
 
@@ -358,7 +366,7 @@ async def test_reverse_proxy_port(
     port = app.reverse_listeners["inventory"].port
     async with (
         aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{port}/api/x?y=%2F") as r,
+        session.get(URL(f"http://127.0.0.1:{port}/api/x?y=%2F", encoded=True)) as r,
     ):
         assert r.status == 200
     seen = upstream.last()

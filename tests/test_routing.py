@@ -1,0 +1,117 @@
+"""Host matching: a token only goes where its upstream's hosts say."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.config import HostMatch, MatchConfig, TokenConfig, UpstreamConfig
+from proxy.errors import BadRequest
+from proxy.routing import Router, parse_absolute_target, path_matches, split_authority
+
+
+def upstream(name: str, *hosts: HostMatch, prefix: str | None = None) -> UpstreamConfig:
+    return UpstreamConfig(
+        name=name,
+        match=MatchConfig(hosts, prefix),
+        token=TokenConfig(client_id="c", token_url="http://127.0.0.1/t"),
+    )
+
+
+ROUTER = Router(
+    (
+        upstream("inventory", HostMatch("inventory.internal"), HostMatch("inventory.internal", 8443)),
+        upstream("billing", HostMatch("billing.internal"), prefix="/api"),
+    )
+)
+
+
+def route(target: bytes) -> str | None:
+    parsed = parse_absolute_target(target)
+    match = ROUTER.match(parsed.scheme, parsed.host, parsed.port, parsed.path)
+    return match.name if match else None
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        (b"http://inventory.internal/x", "inventory"),
+        (b"http://INVENTORY.Internal/x", "inventory"),
+        (b"http://inventory.internal./x", "inventory"),
+        (b"http://inventory.internal:80/x", "inventory"),
+        (b"http://inventory.internal:8443/x", "inventory"),
+        (b"http://inventory.internal", "inventory"),
+        (b"http://inventory.internal:8080/x", None),
+        (b"http://inventory.internal.evil.com/x", None),
+        (b"http://xinventory.internal/x", None),
+        (b"http://inventory.internalx/x", None),
+        (b"http://evil.com/inventory.internal", None),
+        (b"http://evil.com/?inventory.internal", None),
+        (b"http://billing.internal/api", "billing"),
+        (b"http://billing.internal/api/v1?x=1", "billing"),
+        (b"http://billing.internal/api?x=1", "billing"),
+        (b"http://billing.internal/apiary", None),
+        (b"http://billing.internal/", None),
+        (b"http://billing.internal/API", None),
+    ],
+)
+def test_matching(target: bytes, expected: str | None) -> None:
+    assert route(target) == expected
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"http://inventory.internal@evil.com/x",
+        b"http://evil.com@inventory.internal/x",
+        b"http://user:pw@inventory.internal/x",
+        b"http://inventory%2einternal/x",
+        b"http://inventory.internal%00/x",
+        b"http://inventory\xef\xbc\x8einternal/x",
+        b"http://inventory.internal:0/x",
+        b"http://inventory.internal:65536/x",
+        b"http://inventory.internal:80a/x",
+        b"http://inventory.internal:/x",
+        b"http:///x",
+        b"http://[::1/x",
+        b"http://[zz::1]/x",
+        b"ftp://inventory.internal/x",
+        b"http://inventory..internal/x",
+        b"http://inventory.internal/x#frag",
+        b"/x",
+    ],
+)
+def test_bad_targets_are_refused(target: bytes) -> None:
+    with pytest.raises(BadRequest):
+        parse_absolute_target(target)
+
+
+def test_path_is_kept_byte_for_byte() -> None:
+    assert parse_absolute_target(b"http://h/a%2Fb/../c?q=%20&r=/").path == b"/a%2Fb/../c?q=%20&r=/"
+    assert parse_absolute_target(b"http://h?q=1").path == b"/?q=1"
+
+
+def test_ipv6_literals() -> None:
+    assert split_authority("[::1]:8080", None) == ("::1", 8080)
+    assert split_authority("[0:0::1]", 80) == ("::1", 80)
+
+
+@given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789.-:@%/[]_ ", max_size=40))
+def test_only_exact_configured_hosts_ever_match(authority: str) -> None:
+    """Whatever the authority, a match means it normalises to a configured host and port."""
+    try:
+        parsed = parse_absolute_target(b"http://" + authority.encode() + b"/")
+    except BadRequest:
+        return
+    name = ROUTER.match(parsed.scheme, parsed.host, parsed.port, parsed.path)
+    if name is not None:
+        assert (parsed.host, parsed.port) in {("inventory.internal", 80), ("inventory.internal", 8443)}
+
+
+@given(st.binary(max_size=30))
+def test_path_prefix_is_segment_bounded(suffix: bytes) -> None:
+    path = b"/api" + suffix
+    if path_matches("/api", path):
+        rest = path.split(b"?", 1)[0][4:]
+        assert rest == b"" or rest.startswith(b"/")
