@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from proxy.client_connection import ClientConnection
 from proxy.errors import (
@@ -205,8 +206,7 @@ class _Holding(asyncio.Protocol):
     """Buffers nothing: reading is paused until the splice installs the real protocol."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()
+        cast(asyncio.Transport, transport).pause_reading()
 
 
 async def _open(host: str, port: int) -> asyncio.Transport:
@@ -220,5 +220,4 @@ async def _open(host: str, port: int) -> asyncio.Transport:
         raise UpstreamUnreachable(
             f"cannot connect to {host}:{port}: {exc.strerror or exc}"
         ) from None
-    assert isinstance(transport, asyncio.Transport)
     return transport
