@@ -117,6 +117,40 @@ class Forwarder:
     def reverse_handler(self, upstream_name: str) -> _ReverseHandler:
         return _ReverseHandler(self, upstream_name)
 
+    def intercepted_handler(self, host: str, port: int) -> _InterceptedHandler:
+        """The handler for requests inside an intercepted `CONNECT host:port` TLS session."""
+        return _InterceptedHandler(self, host, port)
+
+    async def intercepted(
+        self,
+        host: str,
+        port: int,
+        conn: ClientConnection,
+        head: RequestHead,
+        body: RequestBody | None,
+    ) -> bool:
+        """A request decrypted from a CONNECT tunnel: its destination is the tunnel's."""
+        try:
+            _check_host_fields(head)
+            if not head.target.startswith(b"/"):
+                target = parse_absolute_target(head.target)
+                if (target.host, target.port) != (host, port):
+                    raise BadRequest("request target does not match the CONNECT authority")
+                path = target.path
+            else:
+                path = head.target
+                (authority,) = header_values(head.headers, b"host") or [b""]
+                named_host, named_port = split_authority(authority.decode("latin-1"), 443)
+                if (named_host, named_port) != (host, port):
+                    # Host confusion: the token would be chosen for one host and sent to another.
+                    raise BadRequest("Host header does not match the CONNECT authority")
+            plan = self._plan_target(Target("https", host, port, path))
+        except (ProxyError, UnicodeDecodeError) as error:
+            if not isinstance(error, ProxyError):
+                error = BadRequest("Host header is not ASCII")
+            return self._refuse(conn, head, body, error, UNMATCHED)
+        return await self._serve(conn, head, body, plan)
+
     async def reverse(
         self,
         upstream_name: str,
@@ -154,7 +188,9 @@ class Forwarder:
                 "(http://host/path), as HTTP_PROXY clients do"
             )
         _check_host_fields(head)
-        target = parse_absolute_target(head.target)
+        return self._plan_target(parse_absolute_target(head.target))
+
+    def _plan_target(self, target: Target) -> _Plan:
         runtime = self._holder.current
         upstream = runtime.router.match(target.scheme, target.host, target.port, target.path)
         route = runtime.route_for(upstream)
@@ -496,6 +532,20 @@ class _ReverseHandler:
         self, conn: ClientConnection, head: RequestHead, body: RequestBody | None
     ) -> Awaitable[bool]:
         return self._forwarder.reverse(self._upstream, conn, head, body)
+
+
+class _InterceptedHandler:
+    """The `RequestHandler` of one intercepted CONNECT tunnel."""
+
+    def __init__(self, forwarder: Forwarder, host: str, port: int) -> None:
+        self._forwarder = forwarder
+        self._host = host
+        self._port = port
+
+    def __call__(
+        self, conn: ClientConnection, head: RequestHead, body: RequestBody | None
+    ) -> Awaitable[bool]:
+        return self._forwarder.intercepted(self._host, self._port, conn, head, body)
 
 
 def _host_of(head: RequestHead) -> str:
