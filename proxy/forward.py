@@ -205,6 +205,19 @@ class Forwarder:
                     upstream=route.name,
                 )
             return _Plan(route, route.origin, route.host_header, target.path)
+        if (
+            target.scheme == "http"
+            and not route.config.allow_insecure_http
+            and not _is_loopback(target.host)
+        ):
+            # RFC 6750 §5.3: a bearer token only travels over TLS, unless the operator
+            # says the network below is trusted (a service mesh with mTLS, say).
+            raise HostNotAllowed(
+                f"the token of upstream '{route.name}' would travel in cleartext to "
+                f"{target.host}; set its url to https://{target.authority}, or set "
+                "allow_insecure_http: true if the network is trusted",
+                upstream=route.name,
+            )
         origin = _origin_of(target, route)
         return _Plan(route, origin, target.authority.encode("ascii"), target.path)
 
@@ -546,6 +559,10 @@ class _InterceptedHandler:
         self, conn: ClientConnection, head: RequestHead, body: RequestBody | None
     ) -> Awaitable[bool]:
         return self._forwarder.intercepted(self._host, self._port, conn, head, body)
+
+
+def _is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def _host_of(head: RequestHead) -> str:

@@ -399,3 +399,17 @@ async def test_metrics_count_requests(inventory_proxy: ProxyApp, upstream: Upstr
     assert 'token_proxy_requests_total{code="200",upstream="inventory"} 1.0' in text
     assert 'token_proxy_requests_total{code="200",upstream="unmatched"} 1.0' in text
     assert 'token_proxy_token_fetches_total{outcome="success",upstream="inventory"} 1.0' in text
+
+
+async def test_no_cleartext_token_to_a_non_loopback_host_without_opt_in(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    app = await start_proxy(
+        proxy_config(upstream_config("inventory", ["inventory.internal"], token_config(token_server)))
+    )
+    status, _, body = await get(app, "http://inventory.internal/x")
+    assert status == 403
+    answer = json.loads(body)
+    assert answer["error"] == "host_not_allowed"
+    assert "cleartext" in answer["detail"]
+    assert token_server.issued[-1] not in body.decode()

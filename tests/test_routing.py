@@ -21,7 +21,9 @@ def upstream(name: str, *hosts: HostMatch, prefix: str | None = None) -> Upstrea
 
 ROUTER = Router(
     (
-        upstream("inventory", HostMatch("inventory.internal"), HostMatch("inventory.internal", 8443)),
+        upstream(
+            "inventory", HostMatch("inventory.internal"), HostMatch("inventory.internal", 8443)
+        ),
         upstream("billing", HostMatch("billing.internal"), prefix="/api"),
     )
 )
@@ -106,7 +108,10 @@ def test_only_exact_configured_hosts_ever_match(authority: str) -> None:
         return
     name = ROUTER.match(parsed.scheme, parsed.host, parsed.port, parsed.path)
     if name is not None:
-        assert (parsed.host, parsed.port) in {("inventory.internal", 80), ("inventory.internal", 8443)}
+        assert (parsed.host, parsed.port) in {
+            ("inventory.internal", 80),
+            ("inventory.internal", 8443),
+        }
 
 
 @given(st.binary(max_size=30))

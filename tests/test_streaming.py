@@ -67,7 +67,9 @@ class PeakRss:
         self._stop.set()
 
 
-async def test_one_gib_upload_streams_with_flat_memory(proxy_process: ProxyProcess, upstream: Upstream) -> None:
+async def test_one_gib_upload_streams_with_flat_memory(
+    proxy_process: ProxyProcess, upstream: Upstream
+) -> None:
     digest = hashlib.sha256()
 
     async def body() -> AsyncIterator[bytes]:

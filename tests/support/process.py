@@ -36,11 +36,15 @@ class ProxyProcess:
         self.directory = directory
         self.port = free_port()
         self.admin_port = free_port()
-        config = {"listen": f"127.0.0.1:{self.port}", "admin_listen": f"127.0.0.1:{self.admin_port}", **config}
+        config = {
+            "listen": f"127.0.0.1:{self.port}",
+            "admin_listen": f"127.0.0.1:{self.admin_port}",
+            **config,
+        }
         self.config_path = directory / "proxy.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = directory / "proxy.log"
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
@@ -52,21 +56,30 @@ class ProxyProcess:
         return self.process.pid
 
     def write_config(self, config: dict[str, object]) -> None:
-        config = {"listen": f"127.0.0.1:{self.port}", "admin_listen": f"127.0.0.1:{self.admin_port}", **config}
+        config = {
+            "listen": f"127.0.0.1:{self.port}",
+            "admin_listen": f"127.0.0.1:{self.admin_port}",
+            **config,
+        }
         self.config_path.write_text(yaml.safe_dump(config))
 
-    async def start(self, *, ready_path: str = "/healthz", timeout: float = 20.0) -> None:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
+    async def start(self, *, within: float = 20.0) -> None:
+        """Start the process and return once its admin port accepts connections."""
+        with self.log_path.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "proxy",
+                "run",
+                "--config",
+                str(self.config_path),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        deadline = time.monotonic() + within
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if self.process.returncode is not None:
                 raise RuntimeError(f"proxy exited with {self.process.returncode}: {self.logs()}")
             try:
                 _, writer = await asyncio.open_connection("127.0.0.1", self.admin_port)
@@ -84,16 +97,16 @@ class ProxyProcess:
         assert self.process is not None
         self.process.send_signal(signum)
 
-    async def wait(self, timeout: float = 30.0) -> int:
+    async def wait(self, within: float = 30.0) -> int:
         assert self.process is not None
-        return await asyncio.to_thread(self.process.wait, timeout)
+        return await asyncio.wait_for(self.process.wait(), timeout=within)
 
     async def stop(self) -> int | None:
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None or self.process.returncode is not None:
             return None if self.process is None else self.process.returncode
         self.process.send_signal(signal.SIGTERM)
         try:
             return await self.wait(30)
-        except subprocess.TimeoutExpired:
+        except TimeoutError:
             self.process.kill()
             return await self.wait(10)

@@ -1,0 +1,152 @@
+"""The `token-proxy` command line: `run`, `check`, `demo` and `--version`.
+
+Thin by design: it finds the config file (`--config`, else `TOKEN_PROXY_CONFIG`),
+loads it, and either prints a summary (`check`) or hands it to `proxy.app.run_proxy`
+(`run`). A configuration problem is one line on stderr and exit code 2, never a
+traceback. `python -m proxy` runs the same `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from proxy import __version__
+from proxy.config import ConfigError, ProxyConfig, UpstreamConfig, load_config
+
+PROG = "token-proxy"
+CONFIG_ENV = "TOKEN_PROXY_CONFIG"
+EXIT_USAGE = 2  # bad command line or bad configuration, as argparse uses for usage errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with `argv` (default: `sys.argv[1:]`); returns the exit code."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    # `demo` takes its own options, which argparse would try to parse as ours.
+    if args[:1] == ["demo"]:
+        return _demo(args[1:])
+    parser = _parser()
+    try:
+        options = parser.parse_args(args)
+    except SystemExit as exit_request:  # --help, --version, usage errors
+        return exit_request.code if isinstance(exit_request.code, int) else EXIT_USAGE
+    if options.command is None:
+        parser.print_usage(sys.stderr)
+        return _fail("a command is required: run, check or demo")
+    config_file = options.config or os.environ.get(CONFIG_ENV)
+    if not config_file:
+        return _fail(f"no configuration file: pass --config FILE or set {CONFIG_ENV}")
+    try:
+        config = load_config(config_file)
+    except ConfigError as error:
+        return _fail(str(error))
+    if options.command == "check":
+        print(summary(config))
+        return 0
+    # Imported here so `check` works without the server's dependencies loaded.
+    from proxy.app import run_proxy
+
+    return run_proxy(config)
+
+
+def summary(config: ProxyConfig) -> str:
+    """What `check` prints: the listeners and each upstream, never a secret."""
+    lines = [
+        f"{config.source}: OK",
+        f"listen: {config.listen}  admin_listen: {config.admin_listen}  "
+        f"unknown_hosts: {config.unknown_hosts}  tls_intercept: {_describe_intercept(config)}",
+        f"upstreams: {len(config.upstreams)}",
+    ]
+    for upstream in config.upstreams:
+        lines.append(f"upstream {upstream.name}:")
+        lines.extend(f"  {key}: {value}" for key, value in _describe_upstream(upstream))
+    return "\n".join(lines)
+
+
+def _describe_intercept(config: ProxyConfig) -> str:
+    intercept = config.tls_intercept
+    if intercept is None:
+        return "off"
+    text = (
+        "on, generated CA" if intercept.ca_cert_file is None else f"on, CA {intercept.ca_cert_file}"
+    )
+    if intercept.write_ca_cert_to is not None:
+        text += f", CA certificate written to {intercept.write_ca_cert_to}"
+    return text
+
+
+def _describe_upstream(upstream: UpstreamConfig) -> list[tuple[str, object]]:
+    token = upstream.token
+    hosts = ", ".join(
+        (f"[{host.host}]" if ":" in host.host else host.host)
+        + ("" if host.port is None else f":{host.port}")
+        for host in upstream.match.hosts
+    )
+    rows: list[tuple[str, object]] = [
+        ("hosts", hosts),
+        ("path_prefix", upstream.match.path_prefix or "(any)"),
+        ("url", upstream.url or "(the requested host)"),
+        ("listen", upstream.listen or "(none)"),
+    ]
+    if token.token_url is not None:
+        rows.append(("token_url", token.token_url))
+    else:
+        rows.append(("issuer", token.issuer))
+    rows += [("client_id", token.client_id), ("auth_method", token.auth_method)]
+    # Where the credential lives, never what it is.
+    if token.client_secret is not None:
+        rows.append(("client_secret", "(set)"))
+    for key, path in (
+        ("client_secret_file", token.client_secret_file),
+        ("private_key_file", token.private_key_file),
+        ("client_assertion_file", token.client_assertion_file),
+        ("client_cert_file", token.tls.client_cert_file),
+    ):
+        if path is not None:
+            rows.append((key, path))
+    rows.append(("scope", " ".join(token.scope) or "(none)"))
+    if token.audience is not None:
+        rows.append(("audience", token.audience))
+    if token.resource:
+        rows.append(("resource", " ".join(token.resource)))
+    rows += [
+        ("required", _yes_no(upstream.required)),
+        ("overwrite", _yes_no(upstream.overwrite)),
+        ("header", upstream.header),
+    ]
+    return rows
+
+
+def _yes_no(flag: bool) -> str:
+    return "true" if flag else "false"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Sidecar proxy that adds OAuth 2.0 client-credentials tokens "
+        "to a service's outbound requests.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    config_help = f"the YAML configuration file (default: ${CONFIG_ENV})"
+    run = commands.add_parser("run", help="run the sidecar")
+    run.add_argument("--config", metavar="FILE", help=config_help)
+    check = commands.add_parser("check", help="validate a configuration and summarise it")
+    check.add_argument("--config", metavar="FILE", help=config_help)
+    # Listed for --help only: main() hands `demo ...` over before argparse sees it.
+    commands.add_parser("demo", help="run a self-contained demonstration", add_help=False)
+    return parser
+
+
+def _demo(args: list[str]) -> int:
+    from proxy.demo import main as demo_main
+
+    return demo_main(args)
+
+
+def _fail(message: str) -> int:
+    # One line, whatever the message holds: log collectors split on newlines.
+    print(f"{PROG}: {' '.join(message.splitlines())}", file=sys.stderr)
+    return EXIT_USAGE

@@ -1,0 +1,237 @@
+"""Tests for the `token-proxy` command line, run as a real process (`python -m proxy`).
+
+What an operator relies on: `check` prints a summary without secrets and exits 0; a
+bad config is exactly one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy import __version__
+from proxy.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+SECRET = "cli-Sup3r-Secret-Value"
+
+GOOD_CONFIG = """\
+listen: 127.0.0.1:15080
+admin_listen: 0.0.0.0:15090
+unknown_hosts: deny
+upstreams:
+  inventory:
+    match:
+      hosts: [inventory.internal, "inventory.internal:8443"]
+      path_prefix: /api
+    url: https://inventory.internal
+    listen: 127.0.0.1:18081
+    token:
+      token_url: https://auth.example.com/oauth/token
+      client_id: order-service
+      client_secret_file: {secret_file}
+      scope: read:inventory write:orders
+  billing:
+    match:
+      hosts: [billing.internal]
+    header: X-Api-Token
+    overwrite: false
+    required: false
+    token:
+      issuer: https://auth.example.com/realms/billing
+      client_id: billing-client
+      client_secret: ${{BILLING_SECRET}}
+      auth_method: client_secret_post
+"""
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {key: value for key, value in os.environ.items() if key != "TOKEN_PROXY_CONFIG"}
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def good_config(tmp_path: Path) -> Path:
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text(SECRET + "-from-file\n")
+    path = tmp_path / "proxy.yaml"
+    path.write_text(GOOD_CONFIG.format(secret_file=secret_file))
+    return path
+
+
+def test_check_prints_a_summary_without_secrets(good_config: Path) -> None:
+    result = run_cli("check", "--config", str(good_config), env={"BILLING_SECRET": SECRET})
+    assert (result.returncode, result.stderr) == (0, "")
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{good_config}: OK"
+    assert lines[1] == (
+        "listen: 127.0.0.1:15080  admin_listen: 0.0.0.0:15090  unknown_hosts: deny  "
+        "tls_intercept: off"
+    )
+    assert lines[2] == "upstreams: 2"
+    secret_file = good_config.parent / "client-secret"
+    assert lines[3:] == [
+        "upstream inventory:",
+        "  hosts: inventory.internal, inventory.internal:8443",
+        "  path_prefix: /api",
+        "  url: https://inventory.internal",
+        "  listen: 127.0.0.1:18081",
+        "  token_url: https://auth.example.com/oauth/token",
+        "  client_id: order-service",
+        "  auth_method: client_secret_basic",
+        f"  client_secret_file: {secret_file}",
+        "  scope: read:inventory write:orders",
+        "  required: true",
+        "  overwrite: true",
+        "  header: Authorization",
+        "upstream billing:",
+        "  hosts: billing.internal",
+        "  path_prefix: (any)",
+        "  url: (the requested host)",
+        "  listen: (none)",
+        "  issuer: https://auth.example.com/realms/billing",
+        "  client_id: billing-client",
+        "  auth_method: client_secret_post",
+        "  client_secret: (set)",
+        "  scope: (none)",
+        "  required: false",
+        "  overwrite: false",
+        "  header: X-Api-Token",
+    ]
+    assert SECRET not in result.stdout
+
+
+def test_config_file_from_the_environment(good_config: Path) -> None:
+    result = run_cli(
+        "check", env={"TOKEN_PROXY_CONFIG": str(good_config), "BILLING_SECRET": SECRET}
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"{good_config}: OK"
+
+
+def test_command_line_config_wins_over_the_environment(good_config: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        "check",
+        "--config",
+        str(good_config),
+        env={"TOKEN_PROXY_CONFIG": str(tmp_path / "nope.yaml"), "BILLING_SECRET": SECRET},
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_a_bad_config_is_one_line_and_exit_2(command: str, tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(
+        "upstreams:\n"
+        "  inventory:\n"
+        "    match: {hosts: [inventory.internal]}\n"
+        "    token:\n"
+        "      token_url: https://auth.example.com/token\n"
+        f"      client_secret: {SECRET}\n"
+    )
+    result = run_cli(command, "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"token-proxy: {path}: upstreams.inventory.token.client_id: missing"
+    ]
+    assert result.stdout == ""
+    assert SECRET not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("config_text", "problem"),
+    [
+        (None, "cannot read the config file: No such file or directory"),
+        ("listen: [\n", "invalid YAML at line 2, column 1: expected the node content, but found"),
+        ("lissen: 127.0.0.1:1\n", "lissen: unknown key (did you mean listen?)"),
+        (
+            "upstreams:\n  a:\n    match: {hosts: [a]}\n    token: {token_url: https://a.example,"
+            " client_id: c, client_secret: '${UNSET_FOR_CLI_TEST}'}\n",
+            "upstreams.a.token.client_secret: environment variable UNSET_FOR_CLI_TEST is not set",
+        ),
+    ],
+    ids=["missing-file", "yaml-syntax", "unknown-key", "unset-variable"],
+)
+def test_config_errors_never_print_a_traceback(
+    config_text: str | None, problem: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "proxy.yaml"
+    if config_text is not None:
+        path.write_text(config_text)
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"token-proxy: {path}: {problem}")
+    assert "Traceback" not in result.stderr
+
+
+def test_no_config_anywhere_is_one_line_and_exit_2() -> None:
+    result = run_cli("check")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "token-proxy: no configuration file: pass --config FILE or set TOKEN_PROXY_CONFIG"
+    ]
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert (result.returncode, result.stdout.strip()) == (0, f"token-proxy {__version__}")
+
+
+def test_installed_console_script_is_the_same_command() -> None:
+    script = Path(sys.executable).parent / "token-proxy"
+    if not script.exists():
+        pytest.skip("the package is not installed with its console script")
+    result = subprocess.run(
+        [str(script), "--version"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (result.returncode, result.stdout.strip()) == (0, f"token-proxy {__version__}")
+
+
+def test_main_returns_exit_codes_instead_of_raising(
+    good_config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TOKEN_PROXY_CONFIG", raising=False)
+    monkeypatch.setenv("BILLING_SECRET", SECRET)
+    assert main(["--version"]) == 0
+    assert main(["check", "--config", str(good_config)]) == 0
+    assert main([]) == 2
+    assert main(["frobnicate"]) == 2
+    captured = capsys.readouterr()
+    assert f"token-proxy {__version__}" in captured.out
+    assert SECRET not in captured.out + captured.err
+
+
+def test_check_describes_tls_interception(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(f"tls_intercept:\n  write_ca_cert_to: {tmp_path}/ca.crt\n")
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == [
+        "listen: 127.0.0.1:15080  admin_listen: 0.0.0.0:15090  unknown_hosts: passthrough  "
+        f"tls_intercept: on, generated CA, CA certificate written to {tmp_path}/ca.crt",
+        "upstreams: 0",
+    ]
+
+
+def test_demo_receives_its_own_arguments() -> None:
+    # `--help` is the demo's option, not ours: it must reach proxy.demo untouched.
+    result = run_cli("demo", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: ")
+    assert " demo " in result.stdout.splitlines()[0]
+    assert "run a self-contained demonstration" not in result.stdout  # not our --help
