@@ -29,7 +29,7 @@ from proxy.admin import UpstreamHealth, create_admin_app
 from proxy.config import ConfigError, ProxyConfig, UpstreamConfig, load_config
 from proxy.forward import Forwarder
 from proxy.listener import Listener
-from proxy.logs import configure_logging
+from proxy.logs import configure_logging, forget_secret, register_secret
 from proxy.metrics import Metrics
 from proxy.runtime import Runtime, RuntimeHolder
 from proxy.tokens import TokenProvider
@@ -125,6 +125,9 @@ class ProxyApp:
 
     async def _start_provider(self, upstream: UpstreamConfig) -> TokenProvider:
         self.metrics.register_upstream(upstream.name)
+        if upstream.token.client_secret is not None:
+            # Defence in depth: the log formatter masks this exact string wherever it appears.
+            register_secret(upstream.token.client_secret.reveal())
         provider = TokenProvider(
             upstream.name,
             upstream.token,
@@ -181,6 +184,7 @@ class ProxyApp:
             old_by_name = {u.name: u for u in old.upstreams}
             providers: dict[str, TokenProvider] = {}
             retired: list[TokenProvider] = []
+            kept: set[str] = set()
             for upstream in config.upstreams:
                 previous = old_by_name.get(upstream.name)
                 current = self.providers.get(upstream.name)
@@ -191,6 +195,7 @@ class ProxyApp:
                     and previous.allow_insecure_http == upstream.allow_insecure_http
                 ):
                     providers[upstream.name] = current
+                    kept.add(upstream.name)
                 else:
                     providers[upstream.name] = await self._start_provider(upstream)
                     if current is not None:
@@ -204,6 +209,9 @@ class ProxyApp:
             await self._reconcile_reverse_listeners(old, config)
             for provider in retired:
                 await provider.close()
+            for upstream in old.upstreams:
+                if upstream.token.client_secret is not None and upstream.name not in kept:
+                    forget_secret(upstream.token.client_secret.reveal())
             for name in old_by_name.keys() - providers.keys():
                 self.metrics.forget_upstream(name)
             self.metrics.config_reloads.labels(outcome="success").inc()

@@ -224,6 +224,7 @@ def parse_duration(value: object) -> float:
 
     return config_load.parse_duration(value)
 
+
 __all__ = [
     "Address",
     "AuthMethod",

@@ -1,0 +1,128 @@
+"""The admin server: ``/metrics``, ``/healthz``, ``/readyz`` and ``/status``.
+
+It only reads: metrics from the `Metrics` registry, and the proxy's state through
+a `HealthSource` (implemented by the application), asked afresh on every request
+so that config reloads and draining show at once.
+
+- ``/healthz`` is liveness: 200 while the process serves, draining included, so a
+  pod being shut down is not killed early by its liveness probe.
+- ``/readyz`` is readiness: 200 once every *required* upstream holds a valid token
+  and the proxy is not draining; otherwise 503 naming what it waits for.
+- ``/status`` describes each upstream from `TokenProvider.status()`, which never
+  holds a token or a secret.
+
+Only GET and HEAD are served; responses are never cached. The admin server has no
+access log: probes and scrapes every few seconds would drown the proxy's own.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from proxy import __version__
+from proxy.metrics import Metrics
+
+if TYPE_CHECKING:
+    from proxy.tokens import TokenProvider
+
+
+@dataclass(frozen=True)
+class UpstreamHealth:
+    """One upstream as the admin endpoints see it: its token, and whether readiness waits for it."""
+
+    provider: TokenProvider
+    required: bool
+
+
+class HealthSource(Protocol):
+    """What the admin endpoints read from the running proxy (implemented by proxy/app.py)."""
+
+    @property
+    def draining(self) -> bool:
+        """True from SIGTERM on."""
+        ...
+
+    def upstreams(self) -> Mapping[str, UpstreamHealth]:
+        """The current upstreams by name (the set changes on a config reload)."""
+        ...
+
+
+HEALTH_KEY = web.AppKey[HealthSource]("health")
+
+
+def _json(body: object, *, status: int = 200) -> web.Response:
+    return web.json_response(body, status=status, dumps=lambda obj: json.dumps(obj, indent=2))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the event loop runs and answers."""
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: every required upstream has a valid token, and we are not draining."""
+    health = request.app[HEALTH_KEY]
+    draining = health.draining
+    waiting_for: list[str] = []
+    optional_not_ready: list[str] = []
+    for name, upstream in health.upstreams().items():
+        if upstream.provider.is_valid():
+            continue
+        (waiting_for if upstream.required else optional_not_ready).append(name)
+    if not draining and not waiting_for:
+        ready: dict[str, object] = {"ready": True}
+        if optional_not_ready:
+            ready["optional_not_ready"] = optional_not_ready
+        return _json(ready)
+    return _json(
+        {
+            "ready": False,
+            "draining": draining,
+            "waiting_for": waiting_for,
+            "optional_not_ready": optional_not_ready,
+        },
+        status=503,
+    )
+
+
+async def status(request: web.Request) -> web.Response:
+    """Each upstream's token state; built from `TokenProvider.status()`, never a token."""
+    health = request.app[HEALTH_KEY]
+    upstreams = {
+        name: {**upstream.provider.status(), "required": upstream.required}
+        for name, upstream in health.upstreams().items()
+    }
+    return _json({"version": __version__, "draining": health.draining, "upstreams": upstreams})
+
+
+async def _no_store(request: web.Request, response: web.StreamResponse) -> None:
+    # Readiness and token state change by the second; no cache may hold them.
+    response.headers["Cache-Control"] = "no-store"
+
+
+def create_admin_app(metrics: Metrics, health: HealthSource) -> web.Application:
+    """The admin application; serve it with `make_admin_runner` (no access log)."""
+    app = web.Application()
+    app[HEALTH_KEY] = health
+    # add_get also answers HEAD; other methods get 405, other paths 404.
+    app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status)
+    app.on_response_prepare.append(_no_store)
+    return app
+
+
+def make_admin_runner(app: web.Application) -> web.AppRunner:
+    """A runner for the admin app without aiohttp's access log and without signal handling.
+
+    The caller owns the lifecycle: ``await runner.setup()``, add a ``web.TCPSite``,
+    and ``await runner.cleanup()`` on shutdown.
+    """
+    return web.AppRunner(app, access_log=None, handle_signals=False)
