@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from tests.conftest import CLIENT_ID, CLIENT_SECRET
 from tests.support.process import ProxyProcess
 from tests.support.token_server import TokenServer
 from tests.support.upstream import Upstream
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -32,17 +32,6 @@ def upstream_entry(host: str, url: str, token_server: TokenServer, **token: Any)
             **token,
         },
     }
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 15.0) -> None:
-    """Poll `check` until it holds, or fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        if await check():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 async def admin_get(proxy: ProxyProcess, path: str) -> tuple[int, str]:

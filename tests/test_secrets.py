@@ -7,8 +7,6 @@ outages; then every byte it wrote or answered is searched for every credential.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 
 import aiohttp
@@ -17,6 +15,7 @@ from tests.conftest import CLIENT_ID, CLIENT_SECRET
 from tests.support.process import ProxyProcess
 from tests.support.token_server import TokenServer
 from tests.support.upstream import Upstream
+from tests.support.waiting import eventually
 
 
 async def test_credentials_never_leak(
@@ -76,12 +75,11 @@ async def test_credentials_never_leak(
                 async with session.get(f"http://127.0.0.1:{proxy.admin_port}{path}") as response:
                     bodies.append(await response.text())
             token_server.set_failing(None)
-            deadline = time.monotonic() + 10
-            while (
-                time.monotonic() < deadline
-                and await call("http://inventory.internal/sized/13") != 200
-            ):
-                await asyncio.sleep(0.1)
+
+            async def recovered() -> bool:
+                return await call("http://inventory.internal/sized/13") == 200
+
+            await eventually(recovered)
     finally:
         await proxy.stop()
     logs = proxy.logs()
