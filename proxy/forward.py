@@ -277,7 +277,8 @@ class Forwarder:
                     interim.status, interim.reason, end_to_end(interim.headers), b""
                 )
             )
-        upconn.write(self._request_head(head, plan, token))
+        request_head, injected = self._request_head(head, plan, token)
+        upconn.write(request_head)
         body_task: asyncio.Task[None] | None = None
         if body is not None:
             source = kept if replay else body
@@ -291,14 +292,16 @@ class Forwarder:
             if reused and not exchange.received_any and body is None and head.method in IDEMPOTENT:
                 raise _Retry() from None
             raise
-        if (
-            response.status == 401
-            and token is not None
-            and route is not None
-            and not replay
-            and kept is not None
-            and await _sent_whole(body_task, kept)
-        ):
+        if response.status == 401 and injected and route is not None and token is not None:
+            # The upstream refused the token we sent: drop it (the provider does this once
+            # per token however many requests see the 401) and fetch another.
+            if not replay:
+                route.provider.invalidate(token)
+            replayable = not replay and kept is not None and await _sent_whole(body_task, kept)
+        else:
+            replayable = False
+        if replayable:
+            assert route is not None
             if body_task is not None:
                 body_task.cancel()
             self._pool.discard(upconn)
@@ -307,7 +310,6 @@ class Forwarder:
                 "upstream answered 401; retrying once with a new token",
                 extra={"event": "unauthorized_retry", "upstream": route.name},
             )
-            route.provider.invalidate(token)
             try:
                 new_token = await route.provider.get()
             except TokenUnavailable as error:
@@ -335,14 +337,18 @@ class Forwarder:
         )
         return conn, False
 
-    def _request_head(self, head: RequestHead, plan: _Plan, token: str | None) -> bytes:
+    def _request_head(
+        self, head: RequestHead, plan: _Plan, token: str | None
+    ) -> tuple[bytes, bool]:
+        """The head to send upstream, and whether our token is in it."""
         if head.upgrade:
             headers = end_to_end(head.headers, keep=UPGRADE_KEEP)
             headers.append((b"Connection", b"Upgrade"))
         else:
             headers = end_to_end(head.headers)
+        injected = False
         if token is not None and plan.route is not None:
-            headers, _ = inject(
+            headers, injected = inject(
                 headers,
                 plan.route.header_name,
                 b"Bearer " + token.encode("ascii"),
@@ -354,7 +360,7 @@ class Forwarder:
             framing = b"Content-Length: %d\r\n" % head.content_length
         else:
             framing = b""
-        return request_head_bytes(head.method, plan.path, plan.host, headers, framing)
+        return request_head_bytes(head.method, plan.path, plan.host, headers, framing), injected
 
     async def _send_body(
         self,
