@@ -297,7 +297,14 @@ class Forwarder:
             # per token however many requests see the 401) and fetch another.
             if not replay:
                 route.provider.invalidate(token)
-            replayable = not replay and kept is not None and await _sent_whole(body_task, kept)
+            # The provider keeps a token it was told about moments ago (an upstream that
+            # refuses every token must not turn requests into token fetches): no replay then.
+            replayable = (
+                not replay
+                and kept is not None
+                and route.provider.current() != token
+                and await _sent_whole(body_task, kept)
+            )
         else:
             replayable = False
         if replayable:

@@ -1,0 +1,445 @@
+"""Exactly one client-credentials token request (RFC 6749 §4.4), and what its answer means.
+
+`TokenClient.fetch()` authenticates the client (§2.3: ``client_secret_basic``,
+``client_secret_post``, RFC 7523 ``private_key_jwt`` or RFC 8705 ``tls_client_auth``),
+POSTs the form, and turns the answer into a `TokenResponse` or into one of the
+`proxy.errors.TokenFetchError` subclasses, whose ``reason`` is the failure metric label.
+It neither caches nor retries: that is the provider's job.
+
+Safety rules kept here: redirects are never followed (a token request must not be
+replayed to another host), cookies are never kept, the response body is read up to a
+cap, and no message built here contains the token, the secret, the assertion or the
+``Authorization`` header (server-supplied text is sanitised and has them redacted).
+
+The helpers `transport_errors()` and `read_body()` are shared with discovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import email.utils
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC
+from pathlib import Path
+from urllib.parse import quote_plus, urlencode
+
+import aiohttp
+import jwt
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from proxy.config import TokenConfig
+from proxy.errors import (
+    InvalidClient,
+    InvalidTokenResponse,
+    TokenEndpointClientError,
+    TokenEndpointServerError,
+    TokenEndpointTimeout,
+    TokenEndpointUnreachable,
+    TokenFetchError,
+)
+from proxy.tokens.assertion import JWT_BEARER_ASSERTION_TYPE, client_assertion
+
+__all__ = [
+    "MAX_LIFETIME",
+    "MAX_RESPONSE_BYTES",
+    "RFC6749_ERROR_CODES",
+    "TokenClient",
+    "TokenResponse",
+    "display_url",
+    "parse_retry_after",
+    "read_body",
+    "sanitise",
+    "token_lifetime",
+    "transport_errors",
+]
+
+log = logging.getLogger("token_proxy.tokens.client")
+
+# A token response is a few KiB at most; anything near this is broken or hostile.
+MAX_RESPONSE_BYTES = 1 << 20
+# Longer declared lifetimes are clamped: a day-old token is re-requested anyway.
+MAX_LIFETIME = 24 * 3600.0
+# The error codes of RFC 6749 §5.2: the request or the client's credentials are wrong.
+RFC6749_ERROR_CODES = frozenset(
+    {
+        "invalid_request",
+        "invalid_client",
+        "invalid_grant",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+    }
+)
+_MESSAGE_TEXT_LIMIT = 200
+_DELTA_SECONDS = re.compile(r"[0-9]{1,10}")
+_HEADER_SAFE_TOKEN = re.compile(r"[\x21-\x7e]+")
+
+
+@dataclass(frozen=True)
+class TokenResponse:
+    """A usable bearer token and how long it lives (seconds, already clamped)."""
+
+    access_token: str = field(repr=False)
+    expires_in: float
+    scope: str | None = None
+    token_type: str = "Bearer"
+    # Where `expires_in` came from: "expires_in", "jwt_exp" or "default".
+    lifetime_source: str = "expires_in"
+
+
+class TokenClient:
+    """Makes one token request per `fetch()` for one upstream's `TokenConfig`.
+
+    The session should have a `DummyCookieJar` and, for `tls_client_auth`, a TLS context
+    carrying the client certificate; timeouts come from the config on every request.
+    """
+
+    def __init__(
+        self,
+        config: TokenConfig,
+        session: aiohttp.ClientSession,
+        *,
+        upstream: str | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> None:
+        self._config = config
+        self._session = session
+        self._upstream = upstream
+        self._max_response_bytes = max_response_bytes
+
+    async def fetch(self, token_url: str) -> TokenResponse:
+        """POST one client-credentials request to `token_url`; raise a `TokenFetchError`."""
+        # Secret files and private keys are read (and assertions signed) on every fetch so
+        # that rotated credentials are picked up; off the event loop, files may be slow.
+        form, headers, sensitive = await asyncio.to_thread(self._authenticated_request, token_url)
+        headers["Accept"] = "application/json"
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+        timeout = aiohttp.ClientTimeout(
+            total=self._config.timeout, sock_connect=self._config.connect_timeout
+        )
+        with transport_errors(token_url, self._config.timeout):
+            async with self._session.post(
+                token_url,
+                data=urlencode(form).encode("ascii"),
+                headers=headers,
+                allow_redirects=False,
+                timeout=timeout,
+            ) as response:
+                ok = 200 <= response.status < 300
+                body = await read_body(response, self._max_response_bytes, truncate=not ok)
+                status, response_headers = response.status, response.headers
+        if not ok:
+            raise error_for_status(status, body, response_headers, sensitive)
+        return self._parse_success(body, response_headers, sensitive)
+
+    def _authenticated_request(
+        self, token_url: str
+    ) -> tuple[list[tuple[str, str]], dict[str, str], list[str]]:
+        """The form, headers and the values that must never appear in a message."""
+        config = self._config
+        form: list[tuple[str, str]] = [("grant_type", "client_credentials")]
+        if config.scope:
+            form.append(("scope", " ".join(config.scope)))
+        if config.audience:
+            form.append(("audience", config.audience))
+        form.extend(("resource", resource) for resource in config.resource)
+        form.extend(config.extra_params)
+        headers: dict[str, str] = {}
+        sensitive: list[str] = []
+        method = config.auth_method
+        if method == "client_secret_basic":
+            secret = self._client_secret()
+            sensitive.append(secret)
+            # RFC 6749 §2.3.1: each part is form-urlencoded *before* base64, so a secret
+            # with ":" "+" "%" or non-ASCII survives the trip.
+            pair = f"{quote_plus(config.client_id)}:{quote_plus(secret)}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode("ascii")).decode()
+            sensitive.append(headers["Authorization"])
+        elif method == "client_secret_post":
+            secret = self._client_secret()
+            sensitive.append(secret)
+            form += [("client_id", config.client_id), ("client_secret", secret)]
+        elif method == "private_key_jwt":
+            assertion = client_assertion(config, token_url)
+            sensitive.append(assertion)
+            form += [
+                ("client_id", config.client_id),
+                ("client_assertion_type", JWT_BEARER_ASSERTION_TYPE),
+                ("client_assertion", assertion),
+            ]
+        else:  # tls_client_auth: the certificate in the session's TLS context authenticates
+            form.append(("client_id", config.client_id))
+        return form, headers, sensitive
+
+    def _client_secret(self) -> str:
+        config = self._config
+        if config.client_secret_file is not None:
+            return read_secret_file(config.client_secret_file)
+        if config.client_secret is not None:
+            return config.client_secret.reveal()
+        raise InvalidClient(f"{config.auth_method} needs client_secret or client_secret_file")
+
+    def _parse_success(
+        self, body: bytes, headers: CIMultiDictProxy[str], sensitive: list[str]
+    ) -> TokenResponse:
+        """RFC 6749 §5.1: a JSON object with a bearer access_token, else InvalidTokenResponse."""
+        content_type = sanitise(headers.get("Content-Type", "none"), sensitive)
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError):
+            # `from None`: a JSONDecodeError keeps the whole body, which may hold a token.
+            raise InvalidTokenResponse(
+                f"token response is not JSON (Content-Type: {content_type})"
+            ) from None
+        if not isinstance(document, dict):
+            raise InvalidTokenResponse("token response is JSON but not an object")
+        access_token = document.get("access_token")
+        if not isinstance(access_token, str) or not access_token:
+            raise InvalidTokenResponse("token response has no access_token string")
+        if not _HEADER_SAFE_TOKEN.fullmatch(access_token):
+            # RFC 6750 §2.1 b64token, and anything else would break the header we write.
+            raise InvalidTokenResponse(
+                "access_token contains characters that cannot be sent in an HTTP header"
+            )
+        token_type = document.get("token_type")
+        if token_type is None:
+            log.warning(
+                "token response has no token_type; treating it as Bearer",
+                extra={"event": "token_response_warning", "upstream": self._upstream},
+            )
+            token_type = "Bearer"
+        elif not isinstance(token_type, str) or token_type.lower() != "bearer":
+            shown = sanitise(str(token_type), [*sensitive, access_token])
+            raise InvalidTokenResponse(f"token_type is {shown!r}, not Bearer (RFC 6750)")
+        scope = document.get("scope")
+        lifetime, source = token_lifetime(
+            document.get("expires_in"),
+            access_token,
+            default_lifetime=self._config.default_lifetime,
+            upstream=self._upstream,
+        )
+        return TokenResponse(
+            access_token=access_token,
+            expires_in=lifetime,
+            scope=scope if isinstance(scope, str) else None,
+            token_type=token_type,
+            lifetime_source=source,
+        )
+
+
+def read_secret_file(path: Path) -> str:
+    """The client secret in `path` without its trailing newline; InvalidClient if unusable."""
+    try:
+        secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise InvalidClient(f"client secret file unreadable: {path} ({detail})") from None
+    if not secret:
+        raise InvalidClient(f"client secret file is empty: {path}")
+    return secret
+
+
+def error_for_status(
+    status: int, body: bytes, headers: Mapping[str, str], sensitive: Iterable[str] = ()
+) -> TokenFetchError:
+    """The error a non-2xx token endpoint answer stands for."""
+    retry_after = parse_retry_after(headers.get("Retry-After")) if status in (429, 503) else None
+    if 300 <= status < 400:
+        location = sanitise(headers.get("Location", "nowhere"), sensitive)
+        return InvalidTokenResponse(
+            f"token endpoint redirected (HTTP {status}) to {location}; redirects are not followed"
+        )
+    code, description = _oauth_error(body, sensitive)
+    if 400 <= status < 500:
+        if code in RFC6749_ERROR_CODES:
+            message = f"token endpoint answered HTTP {status} {code}"
+            return InvalidClient(message + (f": {description}" if description else ""))
+        suffix = f" ({code})" if code else ""
+        return TokenEndpointClientError(
+            f"token endpoint answered HTTP {status}{suffix}", retry_after=retry_after
+        )
+    if 500 <= status < 600:
+        suffix = f" ({code})" if code else ""
+        return TokenEndpointServerError(
+            f"token endpoint answered HTTP {status}{suffix}", retry_after=retry_after
+        )
+    return InvalidTokenResponse(f"token endpoint answered unexpected HTTP status {status}")
+
+
+def _oauth_error(body: bytes, sensitive: Iterable[str]) -> tuple[str | None, str | None]:
+    """`error` and `error_description` of an RFC 6749 §5.2 body, sanitised, if present."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, None
+    if not isinstance(document, dict) or not isinstance(document.get("error"), str):
+        return None, None
+    code = sanitise(document["error"], sensitive, limit=64)
+    description = document.get("error_description")
+    return code, sanitise(description, sensitive) if isinstance(description, str) else None
+
+
+def token_lifetime(
+    expires_in: object,
+    access_token: str,
+    *,
+    default_lifetime: float,
+    upstream: str | None = None,
+    now: float | None = None,
+) -> tuple[float, str]:
+    """How long to use a token, in seconds, and where that came from.
+
+    * ``expires_in`` (int, float or numeric string) when positive;
+    * but a JWT access token's ``exp`` (read without verification) when earlier;
+    * missing or unreadable ``expires_in``: the JWT ``exp``, else `default_lifetime`;
+    * zero or negative ``expires_in`` (a server bug, or "expires now"): as if missing,
+      but never longer than `default_lifetime`, so that such a token is replaced soon;
+    * at most `MAX_LIFETIME`. A JWT whose ``exp`` has passed is refused: it is never used.
+    """
+    extra = {"event": "token_response_warning", "upstream": upstream}
+    declared = _seconds(expires_in)
+    if expires_in is not None and declared is None:
+        log.warning("token response has an unreadable expires_in; ignoring it", extra=extra)
+    jwt_left = _jwt_seconds_left(access_token, time.time() if now is None else now)
+    if declared is not None and declared > 0:
+        lifetime, source = declared, "expires_in"
+        if jwt_left is not None and jwt_left < declared:
+            lifetime, source = jwt_left, "jwt_exp"
+    elif jwt_left is not None:
+        lifetime, source = jwt_left, "jwt_exp"
+        if declared is not None:
+            lifetime = min(lifetime, default_lifetime)
+    else:
+        lifetime, source = default_lifetime, "default"
+    if declared is not None and declared <= 0:
+        log.warning(
+            "token response has expires_in <= 0; using %.0f s instead", lifetime, extra=extra
+        )
+    if lifetime <= 0:
+        raise InvalidTokenResponse(
+            "access token is already expired by its JWT exp claim (check the clocks)"
+        )
+    return min(lifetime, MAX_LIFETIME), source
+
+
+def _seconds(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        seconds = float(value.strip() if isinstance(value, str) else value)
+    except OverflowError:
+        seconds = math.inf
+    except ValueError:
+        return None
+    return None if math.isnan(seconds) else seconds
+
+
+def _jwt_seconds_left(token: str, now: float) -> float | None:
+    """Seconds until a JWT's `exp`, or None when the token is no JWT or has no exp."""
+    if token.count(".") != 2:
+        return None
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except (jwt.PyJWTError, ValueError):
+        return None
+    exp = claims.get("exp")
+    if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+        return None
+    return float(exp) - now
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """RFC 9110 §10.2.3 Retry-After (delay-seconds or HTTP-date) in seconds from now."""
+    if not value:
+        return None
+    value = value.strip()
+    if _DELTA_SECONDS.fullmatch(value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - time.time())
+
+
+def sanitise(text: str, sensitive: Iterable[str] = (), *, limit: int = _MESSAGE_TEXT_LIMIT) -> str:
+    """Server-supplied `text` made safe for a log line: secrets redacted, printable, short."""
+    for value in sensitive:
+        if value:
+            text = text.replace(value, "***")
+    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def display_url(url: str) -> str:
+    """`url` without userinfo, query or fragment, for messages."""
+    try:
+        parsed = URL(url)
+        return str(parsed.with_user(None).with_query(None).with_fragment(None))
+    except (ValueError, TypeError):
+        return sanitise(url.split("?", 1)[0], limit=100)
+
+
+@contextlib.contextmanager
+def transport_errors(url: str, timeout: float) -> Iterator[None]:
+    """Map aiohttp and socket errors raised while talking to `url` to TokenFetchErrors."""
+    where = display_url(url)
+    try:
+        yield
+    except TokenFetchError:
+        raise
+    except TimeoutError as exc:
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            message = f"connecting to {where} timed out"
+        else:
+            message = f"{where} did not answer within {timeout:g} s"
+        raise TokenEndpointTimeout(message) from None
+    except aiohttp.ClientConnectorCertificateError as exc:
+        reason = sanitise(str(exc.certificate_error))
+        raise TokenEndpointUnreachable(
+            f"TLS certificate of {where} not trusted: {reason}"
+        ) from None
+    except aiohttp.ClientSSLError as exc:
+        raise TokenEndpointUnreachable(
+            f"TLS handshake with {where} failed: {sanitise(str(exc))}"
+        ) from None
+    except aiohttp.ClientConnectorDNSError:
+        raise TokenEndpointUnreachable(f"cannot resolve the host of {where}") from None
+    except aiohttp.ClientConnectorError as exc:
+        detail = exc.os_error.strerror or type(exc.os_error).__name__
+        raise TokenEndpointUnreachable(f"cannot connect to {where}: {detail}") from None
+    except aiohttp.ServerDisconnectedError:
+        raise TokenEndpointUnreachable(f"{where} closed the connection without answering") from None
+    except aiohttp.ClientPayloadError:
+        raise TokenEndpointUnreachable(f"connection to {where} broke mid-response") from None
+    except aiohttp.InvalidURL:
+        raise TokenEndpointUnreachable(f"invalid token endpoint URL {where}") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        detail = sanitise(str(exc)) or type(exc).__name__
+        raise TokenEndpointUnreachable(f"talking to {where} failed: {detail}") from None
+
+
+async def read_body(response: aiohttp.ClientResponse, limit: int, *, truncate: bool) -> bytes:
+    """At most `limit` bytes of the body: the rest dropped (`truncate`) or an error."""
+    declared = response.content_length
+    if not truncate and declared is not None and declared > limit:
+        raise InvalidTokenResponse(f"response body of {declared} bytes exceeds {limit} bytes")
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            if truncate:
+                return bytes(body[:limit])
+            raise InvalidTokenResponse(f"response body exceeds {limit} bytes")
+    return bytes(body)
