@@ -405,7 +405,9 @@ async def test_no_cleartext_token_to_a_non_loopback_host_without_opt_in(
     start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
 ) -> None:
     app = await start_proxy(
-        proxy_config(upstream_config("inventory", ["inventory.internal"], token_config(token_server)))
+        proxy_config(
+            upstream_config("inventory", ["inventory.internal"], token_config(token_server))
+        )
     )
     status, _, body = await get(app, "http://inventory.internal/x")
     assert status == 403
