@@ -158,8 +158,8 @@ token-proxy demo is running (Ctrl-C to stop)
 
 Try it - the request gains its token on the way:
   curl -x {proxy} http://{DEMO_HOST}/api/stock/1
-or, as an unmodified service would:
-  HTTP_PROXY={proxy} curl http://{DEMO_HOST}/api/stock/1
+or, as an unmodified service would (curl reads the lower-case variable):
+  http_proxy={proxy} curl http://{DEMO_HOST}/api/stock/1
 Without the proxy the API refuses:
   curl http://127.0.0.1:{args.api_port}/api/stock/1
 """,
