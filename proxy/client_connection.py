@@ -147,6 +147,8 @@ class ClientConnection(asyncio.Protocol):
         # Deadlines (loop time) read by the listener's sweeper; 0 means none.
         self.header_deadline = 0.0
         self.idle_deadline = 0.0
+        # When the client stopped reading what we send (0: it has not).
+        self.write_paused_at = 0.0
         self.busy = False
         self.closed = False
 
@@ -204,14 +206,19 @@ class ClientConnection(asyncio.Protocol):
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(ConnectionResetError("client connection lost"))
         self._wake_worker()
+        # Whoever waits to write to us must find out now that nobody reads any more.
+        self.write_paused = False
+        self.write_paused_at = 0.0
         if self.on_resume_writing is not None:
             self.on_resume_writing()
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.write_paused_at = self._loop.time()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.write_paused_at = 0.0
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

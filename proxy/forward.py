@@ -457,6 +457,9 @@ class Forwarder:
         write = conn.write
 
         def sink(data: bytes) -> None:
+            if conn.closed:
+                upconn.abort()  # the client went away: stop the download
+                return
             write(chunk(data) if rechunk else data)
             if conn.write_paused:
                 upconn.pause_reading()

@@ -92,11 +92,15 @@ class Listener:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             now = loop.time()
+            stalled_before = now - self.limits.idle_timeout
             for conn in list(self.connections):
                 if conn.header_deadline and now > conn.header_deadline:
                     conn.abort()
                 elif conn.idle_deadline and now > conn.idle_deadline and not conn.busy:
                     conn.close()
+                elif conn.write_paused_at and conn.write_paused_at < stalled_before:
+                    # A client that stopped reading would otherwise hold its upstream forever.
+                    conn.abort()
 
     async def stop_accepting(self) -> None:
         """Close the listening socket; existing connections carry on."""

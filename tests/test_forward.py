@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import json
 import shutil
+import socket
 import subprocess
 
 import aiohttp
@@ -14,9 +15,11 @@ import requests
 from yarl import URL
 
 from proxy.app import ProxyApp
+from proxy.config import Address, LimitsConfig
 from tests.conftest import StartProxy, proxy_config, proxy_url, token_config, upstream_config
 from tests.support.token_server import TokenServer
 from tests.support.upstream import Upstream
+from tests.support.waiting import eventually
 
 
 async def get(app: ProxyApp, url: str, **kwargs: object) -> tuple[int, dict[str, str], bytes]:
@@ -350,8 +353,6 @@ async def test_websocket_upgrade_carries_the_token(
 async def test_reverse_proxy_port(
     start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
 ) -> None:
-    from proxy.config import Address
-
     app = await start_proxy(
         proxy_config(
             upstream_config(
@@ -415,3 +416,33 @@ async def test_no_cleartext_token_to_a_non_loopback_host_without_opt_in(
     assert answer["error"] == "host_not_allowed"
     assert "cleartext" in answer["detail"]
     assert token_server.issued[-1] not in body.decode()
+
+
+async def test_a_client_that_stops_reading_is_cut_off(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    app = await start_proxy(
+        proxy_config(
+            upstream_config(
+                "inventory", ["inventory.internal"], token_config(token_server), url=upstream.url
+            ),
+            limits=LimitsConfig(idle_timeout=1.0),
+        )
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    writer.transport.set_write_buffer_limits(0)  # type: ignore[attr-defined]
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    writer.write(
+        b"GET http://inventory.internal/stream/200000000 HTTP/1.1\r\nHost: inventory.internal\r\n\r\n"
+    )
+    await writer.drain()
+    reader._transport.pause_reading()  # type: ignore[attr-defined]
+    assert app.forward_listener is not None
+    listener = app.forward_listener
+
+    async def cut_off() -> bool:
+        return not listener.connections
+
+    await eventually(cut_off, within=20)
+    writer.close()
