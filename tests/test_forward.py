@@ -434,7 +434,8 @@ async def test_a_client_that_stops_reading_is_cut_off(
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     writer.write(
-        b"GET http://inventory.internal/stream/200000000 HTTP/1.1\r\nHost: inventory.internal\r\n\r\n"
+        b"GET http://inventory.internal/stream/200000000 HTTP/1.1\r\n"
+        b"Host: inventory.internal\r\n\r\n"
     )
     await writer.drain()
     reader._transport.pause_reading()  # type: ignore[attr-defined]
