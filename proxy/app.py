@@ -28,6 +28,7 @@ from aiohttp import web
 from proxy.admin import UpstreamHealth, create_admin_app
 from proxy.config import ConfigError, ProxyConfig, UpstreamConfig, load_config
 from proxy.forward import Forwarder
+from proxy.intercept import TlsInterceptor
 from proxy.listener import Listener
 from proxy.logs import configure_logging, forget_secret, register_secret
 from proxy.metrics import Metrics
@@ -105,6 +106,11 @@ class ProxyApp:
         self._holder = RuntimeHolder(Runtime.build(config, self.providers))
         self.tunnels = TunnelHandler(self._holder, self.metrics)
         self.forwarder = Forwarder(self._holder, self.pool, self.metrics, self.tunnels)
+        if config.tls_intercept is not None:
+            # Before any port listens: a CA that cannot be loaded or written stops start-up.
+            self.tunnels.interceptor = TlsInterceptor.from_config(
+                config.tls_intercept, self.forwarder, source=config.source
+            )
         self.forward_listener = Listener(
             "forward", config.listen, self.forwarder.forward, config.limits, self.metrics
         )
@@ -179,6 +185,11 @@ class ProxyApp:
             if config.listen != old.listen or config.admin_listen != old.admin_listen:
                 log.warning(
                     "listen and admin_listen changes take effect only after a restart",
+                    extra={"event": "reload_partial"},
+                )
+            if config.tls_intercept != old.tls_intercept:
+                log.warning(
+                    "tls_intercept changes take effect only after a restart",
                     extra={"event": "reload_partial"},
                 )
             old_by_name = {u.name: u for u in old.upstreams}
@@ -311,10 +322,10 @@ async def serve(config: ProxyConfig) -> int:
     loop.add_signal_handler(signal.SIGHUP, reload_soon)
     try:
         await app.start()
-    except OSError as error:
+    except (OSError, ConfigError) as error:
         log.error("cannot start: %s", error, extra={"event": "start_failed"})
         await app.shutdown()
-        return 1
+        return 2 if isinstance(error, ConfigError) else 1
     watcher = loop.create_task(app.watch_config())
     await stop.wait()
     watcher.cancel()
