@@ -40,10 +40,10 @@ from proxy.config import (
     TlsInterceptConfig,
     TokenConfig,
 )
-from proxy.intercept import (
+from proxy.intercept import TlsInterceptor
+from proxy.local_ca import (
     CertificateAuthority,
     LeafCertificates,
-    TlsInterceptor,
     load_authority,
     load_cert_chain_from_memory,
 )
