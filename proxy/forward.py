@@ -22,6 +22,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable
+from functools import partial
 
 from proxy.client_connection import ClientConnection, RequestBody
 from proxy.errors import (
@@ -39,6 +40,7 @@ from proxy.messages import (
     ResponseHead,
     chunk,
     end_to_end,
+    frame_response,
     header_values,
     inject,
     request_head_bytes,
@@ -48,7 +50,7 @@ from proxy.metrics import UNMATCHED, Metrics
 from proxy.routing import DEFAULT_PORTS, Target, parse_absolute_target, split_authority
 from proxy.runtime import Route, RuntimeHolder
 from proxy.tunnel import TunnelHandler, splice
-from proxy.upstream_pool import Exchange, Origin, UpstreamConnection, UpstreamPool
+from proxy.upstream_pool import AwaitedExchange, Origin, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("token_proxy.forward")
 
@@ -270,13 +272,10 @@ class Forwarder:
     ) -> bool:
         route = plan.route
         upconn, reused = await self._connection(plan, fresh=fresh)
-        exchange = upconn.begin(head_only=head.method == "HEAD")
+        exchange = AwaitedExchange(self._loop, head.method == "HEAD")
         if head.version == "1.1":
-            exchange.on_interim = lambda interim: conn.write(
-                response_head_bytes(
-                    interim.status, interim.reason, end_to_end(interim.headers), b""
-                )
-            )
+            exchange.interim_writer = partial(_write_interim, conn)
+        upconn.begin(exchange)
         request_head, injected = self._request_head(head, plan, token)
         upconn.write(request_head)
         body_task: asyncio.Task[None] | None = None
@@ -396,42 +395,26 @@ class Forwarder:
         head: RequestHead,
         body: RequestBody | None,
         upconn: UpstreamConnection,
-        exchange: Exchange,
+        exchange: AwaitedExchange,
         response: ResponseHead,
         body_task: asyncio.Task[None] | None,
     ) -> bool:
-        keep_alive = head.keep_alive and not conn.listener.draining
-        no_body = head.method == "HEAD" or response.status in (204, 304)
-        rechunk = False
-        if no_body:
-            if response.content_length is not None and response.status != 204:
-                framing = b"Content-Length: %d\r\n" % response.content_length
-            elif response.chunked and head.method == "HEAD":
-                framing = b"Transfer-Encoding: chunked\r\n"
-            else:
-                framing = b""
-        elif response.content_length is not None:
-            framing = b"Content-Length: %d\r\n" % response.content_length
-        elif head.version == "1.1":
-            framing = b"Transfer-Encoding: chunked\r\n"
-            rechunk = True
-        else:
-            framing = b""
-            keep_alive = False  # close-delimited for an HTTP/1.0 client
-        if keep_alive and body is not None and not body.done:
-            # The upstream answered before reading the whole request body (early 4xx):
-            # what is left of it cannot be told apart from a next request.
-            keep_alive = False
-        if not keep_alive:
-            framing += b"Connection: close\r\n"
-        elif head.version == "1.0":
-            framing += b"Connection: keep-alive\r\n"
-        conn.write(
-            response_head_bytes(
-                response.status, response.reason, end_to_end(response.headers), framing
-            )
+        # After an early answer (the upstream did not read the whole request body), what
+        # is left of that body cannot be told apart from a next request: close.
+        keep_alive = (
+            head.keep_alive and not conn.listener.draining and (body is None or body.done)
         )
-        if not no_body:
+        response_head, has_body, rechunk, keep_alive = frame_response(
+            head, response, keep_alive=keep_alive
+        )
+        if not has_body:
+            conn.write(response_head)
+        else:
+            # The head and whatever body came with it leave in one write.
+            first = exchange.take_buffered()
+            if first and rechunk:
+                first = chunk(first)
+            conn.write(response_head + first)
             try:
                 await self._stream_response(conn, upconn, exchange, rechunk)
             except (ProxyError, ConnectionError):
@@ -452,7 +435,11 @@ class Forwarder:
         return keep_alive
 
     async def _stream_response(
-        self, conn: ClientConnection, upconn: UpstreamConnection, exchange: Exchange, rechunk: bool
+        self,
+        conn: ClientConnection,
+        upconn: UpstreamConnection,
+        exchange: AwaitedExchange,
+        rechunk: bool,
     ) -> None:
         write = conn.write
 
@@ -479,7 +466,7 @@ class Forwarder:
         self,
         conn: ClientConnection,
         upconn: UpstreamConnection,
-        exchange: Exchange,
+        exchange: AwaitedExchange,
         response: ResponseHead,
         body_task: asyncio.Task[None] | None,
     ) -> bool:
@@ -575,6 +562,13 @@ class _InterceptedHandler:
         self, conn: ClientConnection, head: RequestHead, body: RequestBody | None
     ) -> Awaitable[bool]:
         return self._forwarder.intercepted(self._host, self._port, conn, head, body)
+
+
+def _write_interim(conn: ClientConnection, interim: ResponseHead) -> None:
+    """Relay a 1xx response (100 Continue, 103 Early Hints) to an HTTP/1.1 client."""
+    conn.write(
+        response_head_bytes(interim.status, interim.reason, end_to_end(interim.headers), b"")
+    )
 
 
 def _is_loopback(host: str) -> bool:

@@ -30,6 +30,7 @@ HOP_BY_HOP = frozenset(
 
 # Written by the proxy itself from what it knows about the message it sends.
 FRAMING = frozenset({b"content-length", b"host"})
+_DROPPED = HOP_BY_HOP | FRAMING
 
 _STATUS_REASONS = {
     100: b"Continue",
@@ -94,8 +95,13 @@ def end_to_end(headers: Headers, *, keep: frozenset[bytes] = frozenset()) -> Hea
 
     Names in `keep` survive (used for Upgrade on a WebSocket handshake).
     """
-    listed = connection_tokens(headers)
-    dropped = (HOP_BY_HOP | FRAMING | listed) - keep
+    dropped = _DROPPED
+    for name, _ in headers:
+        if name.lower() == b"connection":
+            dropped = HOP_BY_HOP | FRAMING | connection_tokens(headers)
+            break
+    if keep:
+        dropped = dropped - keep
     return [(name, value) for name, value in headers if name.lower() not in dropped]
 
 
@@ -157,6 +163,42 @@ def response_head_bytes(status: int, reason: bytes, headers: Headers, framing: b
             b"\r\n",
         )
     )
+
+
+def frame_response(
+    request: RequestHead, response: ResponseHead, *, keep_alive: bool
+) -> tuple[bytes, bool, bool, bool]:
+    """The head to send the client for `response`, and how its body is framed.
+
+    Returns ``(head, has_body, rechunk, keep_alive)``: whether a body follows, whether
+    its bytes must be sent as chunks (the upstream's framing cannot be kept: chunked, or
+    delimited by closing), and whether the client connection stays open afterwards.
+    """
+    no_body = request.method == "HEAD" or response.status in (204, 304)
+    rechunk = False
+    if no_body:
+        if response.content_length is not None and response.status != 204:
+            framing = b"Content-Length: %d\r\n" % response.content_length
+        elif response.chunked and request.method == "HEAD":
+            framing = b"Transfer-Encoding: chunked\r\n"
+        else:
+            framing = b""
+    elif response.content_length is not None:
+        framing = b"Content-Length: %d\r\n" % response.content_length
+    elif request.version == "1.1":
+        framing = b"Transfer-Encoding: chunked\r\n"
+        rechunk = True
+    else:
+        framing = b""
+        keep_alive = False  # close-delimited for an HTTP/1.0 client
+    if not keep_alive:
+        framing += b"Connection: close\r\n"
+    elif request.version == "1.0":
+        framing += b"Connection: keep-alive\r\n"
+    head = response_head_bytes(
+        response.status, response.reason, end_to_end(response.headers), framing
+    )
+    return head, not no_body, rechunk, keep_alive
 
 
 def chunk(data: bytes) -> bytes:

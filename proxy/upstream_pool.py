@@ -1,11 +1,16 @@
 """Keep-alive connections to upstream origins, and one request/response exchange on them.
 
 `UpstreamPool` hands out an `UpstreamConnection` per origin (scheme, host, port, TLS
-context), reusing idle ones last-in first-out and closing those idle for too long.
-An `UpstreamConnection` parses responses with llhttp and streams body bytes straight
-into the sink the forwarder attaches, with back-pressure in both directions: a slow
-client pauses reading from the upstream, a slow upstream pauses the request body.
-A watchdog per connection turns silence during an exchange into `UpstreamTimeout`.
+context), reusing idle ones last-in first-out. An `UpstreamConnection` parses responses
+with llhttp and reports them to the `Exchange` of the request in flight through plain
+method calls (`on_head`, `on_body`, `on_complete`, `on_error`): the forwarder's
+exchanges either write straight through to the client (the fast path) or resolve
+futures that a coroutine awaits (everything else).
+
+Timing is done without per-request timers: each connection records when it last saw
+activity, and one sweeper per pool, ticking a few times a second, fails exchanges
+whose upstream has been silent longer than its timeout (`UpstreamTimeout`) and closes
+connections idle in the pool for longer than the idle timeout.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from proxy.messages import Headers, ResponseHead
 
 log = logging.getLogger("token_proxy.upstream")
 
+SWEEP_INTERVAL = 0.25
+
+BodySink = Callable[[bytes], None]
+
 
 @dataclass(frozen=True, slots=True)
 class Origin:
@@ -36,60 +45,99 @@ class Origin:
     ssl: ssl.SSLContext | None = None
 
 
-BodySink = Callable[[bytes], None]
-InterimSink = Callable[[ResponseHead], None]
-
-
 class Exchange:
-    """One request/response on an `UpstreamConnection`, seen from the forwarder."""
+    """One request/response on an `UpstreamConnection`; subclasses decide what to do with it.
 
-    __slots__ = (
-        "_buffered",
-        "_sink",
-        "body_started",
-        "complete",
-        "done",
-        "head",
-        "head_only",
-        "on_interim",
-        "received_any",
-        "upgrade_tail",
-    )
+    The connection calls, in order: `on_interim` for 1xx responses, `on_head` once,
+    `on_body` per chunk, then `on_complete` or `on_error` (at most one of the two);
+    `after_data` after each batch of bytes it parsed, so writes can be coalesced.
+    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, head_only: bool) -> None:
-        self.head: asyncio.Future[ResponseHead] = loop.create_future()
-        self.done: asyncio.Future[None] = loop.create_future()
+    __slots__ = ("complete", "failed", "head_only", "received_any", "upgrade_tail")
+
+    def __init__(self, head_only: bool) -> None:
         self.head_only = head_only
         self.complete = False
+        self.failed = False
         self.received_any = False
-        self.body_started = False
-        self.on_interim: InterimSink | None = None
+        self.upgrade_tail = b""
+
+    def on_interim(self, head: ResponseHead) -> None:
+        """A 1xx response other than 101."""
+
+    def on_head(self, head: ResponseHead) -> None:
+        raise NotImplementedError
+
+    def on_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_complete(self) -> None:
+        raise NotImplementedError
+
+    def on_error(self, error: ProxyError) -> None:
+        raise NotImplementedError
+
+    def after_data(self) -> None:
+        """The connection parsed a batch of bytes."""
+
+    def finish(self) -> None:
+        if not self.complete and not self.failed:
+            self.complete = True
+            self.on_complete()
+
+    def fail(self, error: ProxyError) -> None:
+        if not self.complete and not self.failed:
+            self.failed = True
+            self.on_error(error)
+
+
+class AwaitedExchange(Exchange):
+    """An exchange a coroutine awaits: `head` and `done` futures, body to an attached sink."""
+
+    __slots__ = ("_buffered", "_sink", "done", "head", "interim_writer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, head_only: bool) -> None:
+        super().__init__(head_only)
+        self.head: asyncio.Future[ResponseHead] = loop.create_future()
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.interim_writer: Callable[[ResponseHead], None] | None = None
         self._sink: BodySink | None = None
         self._buffered: list[bytes] = []
-        self.upgrade_tail = b""
+
+    def take_buffered(self) -> bytes:
+        """Body bytes received so far and not yet handed to a sink."""
+        data = b"".join(self._buffered)
+        self._buffered = []
+        return data
 
     def attach(self, sink: BodySink) -> None:
         """Send body bytes to `sink` from now on (first those already received)."""
         self._sink = sink
-        buffered, self._buffered = self._buffered, []
-        for data in buffered:
-            sink(data)
+        if self._buffered:
+            sink(self.take_buffered())
 
-    def body(self, data: bytes) -> None:
+    def on_interim(self, head: ResponseHead) -> None:
+        if self.interim_writer is not None:
+            self.interim_writer(head)
+
+    def on_head(self, head: ResponseHead) -> None:
+        if not self.head.done():
+            self.head.set_result(head)
+
+    def on_body(self, data: bytes) -> None:
         if self._sink is not None:
             self._sink(data)
         else:
             self._buffered.append(data)
 
-    def finish(self) -> None:
-        self.complete = True
+    def on_complete(self) -> None:
         if not self.done.done():
             self.done.set_result(None)
 
-    def fail(self, error: ProxyError) -> None:
+    def on_error(self, error: ProxyError) -> None:
         if not self.head.done():
             self.head.set_exception(error)
-            # Retrieved by the forwarder; don't let asyncio warn when it never is.
+            # Nobody awaits `done` once the head failed; don't let asyncio warn about it.
             self.done.cancel()
         elif not self.done.done():
             self.done.set_exception(error)
@@ -114,10 +162,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._close_delimited = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._reading_paused = False
-        self._last_activity = 0.0
-        self._watchdog: asyncio.TimerHandle | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self.reading_paused = False
+        self.last_activity = 0.0
+        self.idle_since = 0.0
         self._upgraded = False
         self.abort_after_exchange = False
 
@@ -133,7 +180,7 @@ class UpstreamConnection(asyncio.Protocol):
             # An idle connection must stay silent; anything else makes it unusable.
             self.abort()
             return
-        self._last_activity = self._loop.time()
+        self.last_activity = self._loop.time()
         exchange.received_any = True
         if self._upgraded:
             exchange.upgrade_tail += data
@@ -146,22 +193,22 @@ class UpstreamConnection(asyncio.Protocol):
             self._upgraded = True
             exchange.upgrade_tail += data[upgrade.args[0] :]
         except httptools.HttpParserError as exc:
-            exchange.fail(UpstreamUnreachable(f"invalid response from upstream: {exc}"[:200]))
             self.abort()
+            exchange.fail(UpstreamUnreachable(f"invalid response from upstream: {exc}"[:200]))
+        exchange.after_data()
 
     def eof_received(self) -> bool | None:
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._cancel_timers()
         self._pool.forget(self)
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(ConnectionResetError("upstream connection lost"))
         exchange = self.exchange
-        if exchange is None or exchange.complete:
+        if exchange is None or exchange.complete or exchange.failed:
             return
-        if exchange.head.done() and self._close_delimited and exc is None:
+        if self._close_delimited and exc is None:
             exchange.finish()  # RFC 9112 §6.3: the body ends when the connection closes
         else:
             exchange.fail(UpstreamUnreachable("upstream closed the connection"))
@@ -210,66 +257,42 @@ class UpstreamConnection(asyncio.Protocol):
         )
         if 100 <= status < 200 and status != 101:
             self._interim = True
-            if exchange.on_interim is not None:
-                exchange.on_interim(head)
+            exchange.on_interim(head)
             return
         self._interim = False
         no_body = exchange.head_only or status in (204, 304)
         self._close_delimited = not no_body and not chunked and content_length is None
-        if not exchange.head.done():
-            exchange.head.set_result(head)
+        exchange.on_head(head)
         if exchange.head_only:
             # llhttp cannot be told a response answers HEAD; the exchange ends here and
             # the connection, whose parser now expects a body, is not reused.
-            exchange.finish()
             self.abort_after_exchange = True
+            exchange.finish()
 
     def on_body(self, data: bytes) -> None:
         exchange = self.exchange
         if exchange is not None and not exchange.complete:
-            exchange.body_started = True
-            exchange.body(data)
+            exchange.on_body(data)
 
     def on_message_complete(self) -> None:
         if self._interim:
             self._interim = False
             return
         exchange = self.exchange
-        if exchange is not None and not exchange.complete:
+        if exchange is not None:
             exchange.finish()
 
     # -- for the forwarder ---------------------------------------------------
 
-    def begin(self, *, head_only: bool) -> Exchange:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-        exchange = Exchange(self._loop, head_only)
+    def begin(self, exchange: Exchange) -> None:
         self.exchange = exchange
         self.exchanges += 1
         self._close_delimited = False
-        self._last_activity = self._loop.time()
-        self._watchdog = self._loop.call_later(self.timeout, self._check_activity)
-        return exchange
-
-    def _check_activity(self) -> None:
-        self._watchdog = None
-        exchange = self.exchange
-        if exchange is None or exchange.complete or self.closed:
-            return
-        idle = self._loop.time() - self._last_activity
-        if self._reading_paused or idle < self.timeout:
-            # Paused by a slow client: not the upstream's silence.
-            self._watchdog = self._loop.call_later(
-                max(self.timeout - idle, 0.05), self._check_activity
-            )
-            return
-        exchange.fail(UpstreamTimeout("upstream did not answer in time"))
-        self.abort()
+        self.last_activity = self._loop.time()
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
-        self._last_activity = self._loop.time()
+        self.last_activity = self._loop.time()
         self.transport.write(data)
 
     async def drain(self) -> None:
@@ -283,15 +306,28 @@ class UpstreamConnection(asyncio.Protocol):
             raise ConnectionResetError("upstream connection lost")
 
     def pause_reading(self) -> None:
-        if not self._reading_paused and self.transport is not None and not self.closed:
-            self._reading_paused = True
+        if not self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._reading_paused and self.transport is not None and not self.closed:
-            self._reading_paused = False
-            self._last_activity = self._loop.time()
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.last_activity = self._loop.time()
             self.transport.resume_reading()
+
+    def check_silence(self, now: float) -> None:
+        """Fail the exchange if the upstream has been silent for longer than `timeout`."""
+        exchange = self.exchange
+        if exchange is None or exchange.complete or exchange.failed or self.closed:
+            return
+        if self.reading_paused:
+            # Paused by a slow client: that is not the upstream's silence.
+            self.last_activity = now
+            return
+        if now - self.last_activity >= self.timeout:
+            self.abort()
+            exchange.fail(UpstreamTimeout("upstream did not answer in time"))
 
     def reusable(self) -> bool:
         exchange = self.exchange
@@ -300,35 +336,16 @@ class UpstreamConnection(asyncio.Protocol):
             and not self.abort_after_exchange
             and exchange is not None
             and exchange.complete
-            and exchange.head.done()
-            and not exchange.head.cancelled()
-            and exchange.head.exception() is None
-            and exchange.head.result().keep_alive
-            and not self._reading_paused
+            and not self.reading_paused
+            and not self._upgraded
         )
-
-    def end_exchange(self) -> None:
-        self.exchange = None
-        self._cancel_timers()
-
-    def start_idle_timer(self, idle_timeout: float) -> None:
-        self._idle_timer = self._loop.call_later(idle_timeout, self.close)
 
     def detach(self) -> asyncio.Transport:
         """Hand the raw transport over (after 101 Switching Protocols)."""
         assert self.transport is not None
-        self._cancel_timers()
         self.exchange = None
         self._pool.forget(self)
         return self.transport
-
-    def _cancel_timers(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -340,13 +357,15 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Idle keep-alive connections per origin."""
+    """Idle keep-alive connections per origin, and the sweeper that times them out."""
 
-    def __init__(self, *, max_idle_per_origin: int = 64, idle_timeout: float = 30.0) -> None:
+    def __init__(self, *, max_idle_per_origin: int = 1024, idle_timeout: float = 30.0) -> None:
         self._idle: dict[Origin, deque[UpstreamConnection]] = {}
         self._max_idle = max_idle_per_origin
         self._idle_timeout = idle_timeout
         self._all: set[UpstreamConnection] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def connect(
         self, origin: Origin, *, connect_timeout: float, read_timeout: float
@@ -376,6 +395,8 @@ class UpstreamPool:
             ) from None
         assert isinstance(protocol, UpstreamConnection)
         self._all.add(protocol)
+        if self._sweeper is None and not self._closed:
+            self._sweeper = loop.create_task(self._sweep())
         return protocol
 
     def take_idle(self, origin: Origin) -> UpstreamConnection | None:
@@ -389,19 +410,21 @@ class UpstreamPool:
     def release(self, conn: UpstreamConnection) -> None:
         """Return `conn` after its exchange: kept if reusable, closed otherwise."""
         reusable = conn.reusable()
-        conn.end_exchange()
+        conn.exchange = None
         if not reusable:
             conn.close()
             return
-        idle = self._idle.setdefault(conn.origin, deque())
+        idle = self._idle.get(conn.origin)
+        if idle is None:
+            idle = self._idle[conn.origin] = deque()
         if len(idle) >= self._max_idle:
             conn.close()
             return
-        conn.start_idle_timer(self._idle_timeout)
+        conn.idle_since = conn.last_activity
         idle.append(conn)
 
     def discard(self, conn: UpstreamConnection) -> None:
-        conn.end_exchange()
+        conn.exchange = None
         conn.abort()
 
     def forget(self, conn: UpstreamConnection) -> None:
@@ -410,7 +433,23 @@ class UpstreamPool:
         if idle is not None and conn in idle:
             idle.remove(conn)
 
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._all:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = loop.time()
+            stale_before = now - self._idle_timeout
+            for conn in list(self._all):
+                if conn.exchange is not None:
+                    conn.check_silence(now)
+                elif conn.idle_since and conn.idle_since < stale_before:
+                    conn.close()
+        self._sweeper = None
+
     def close(self) -> None:
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for conn in list(self._all):
             conn.abort()
         self._idle.clear()
