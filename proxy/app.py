@@ -112,7 +112,7 @@ class ProxyApp:
                 config.tls_intercept, self.forwarder, source=config.source
             )
         self.forward_listener = Listener(
-            "forward", config.listen, self.forwarder.forward, config.limits, self.metrics
+            "forward", config.listen, self.forwarder.forward_handler(), config.limits, self.metrics
         )
         await self.forward_listener.start()
         for upstream in config.upstreams:

@@ -110,11 +110,18 @@ class RequestBody:
 
 
 class RequestHandler(Protocol):
-    """Answers one request; returns whether the connection may serve another."""
+    """Answers requests: `__call__` for any request, `fast` for those it can do in callbacks.
+
+    `__call__` returns whether the connection may serve another request. `fast` either
+    takes the request (True) and later calls `ClientConnection.fast_done`, or declines
+    (False) and the request goes to `__call__`.
+    """
 
     def __call__(
         self, conn: ClientConnection, head: RequestHead, body: RequestBody | None
     ) -> Awaitable[bool]: ...
+
+    def fast(self, conn: ClientConnection, head: RequestHead) -> bool: ...
 
 
 class ClientConnection(asyncio.Protocol):
@@ -274,8 +281,16 @@ class ClientConnection(asyncio.Protocol):
             content_length=content_length,
             chunked=chunked,
         )
-        body = RequestBody(self) if head.has_body else None
-        self._body = body
+        if head.has_body:
+            body: RequestBody | None = RequestBody(self)
+            self._body = body
+        else:
+            body = self._body = None
+            if not self.busy and not self._queue:
+                self.busy = True
+                if self._handler.fast(self, head):
+                    return
+                self.busy = False
         self._enqueue((head, body))
 
     def on_body(self, data: bytes) -> None:
@@ -317,14 +332,33 @@ class ClientConnection(asyncio.Protocol):
             self._body = None
         self._enqueue(error)
 
+    def fast_done(self, keep_alive: bool) -> None:
+        """A request taken by the handler's fast path has been answered."""
+        self.busy = False
+        if self.closed:
+            return
+        if not keep_alive or self.listener.draining:
+            if self._raw_sink is None:
+                self.close()
+        elif self._queue:
+            if self._worker is None:
+                self._worker = self._loop.create_task(self._serve())
+            else:
+                self._wake_worker()
+        elif self._parse_stopped:
+            self.close()
+        else:
+            self.idle_deadline = self._loop.time() + self._limits.idle_timeout
+
     async def _serve(self) -> None:
         try:
             while not self.closed:
-                if not self._queue:
-                    if self._parse_stopped:
+                if not self._queue or self.busy:
+                    if self._parse_stopped and not self.busy and not self._queue:
                         self.close()
                         return
-                    self.idle_deadline = self._loop.time() + self._limits.idle_timeout
+                    if not self.busy:
+                        self.idle_deadline = self._loop.time() + self._limits.idle_timeout
                     self._wakeup = self._loop.create_future()
                     try:
                         await self._wakeup

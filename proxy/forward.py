@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 from proxy.client_connection import ClientConnection, RequestBody
@@ -32,6 +32,7 @@ from proxy.errors import (
     TokenUnavailable,
     UpstreamUnreachable,
 )
+from proxy.fast_path import FastExchange
 from proxy.logs import log_access
 from proxy.messages import (
     LAST_CHUNK,
@@ -40,9 +41,9 @@ from proxy.messages import (
     ResponseHead,
     chunk,
     end_to_end,
+    forward_headers,
     frame_response,
     header_values,
-    inject,
     request_head_bytes,
     response_head_bytes,
 )
@@ -57,6 +58,8 @@ log = logging.getLogger("token_proxy.forward")
 # Bodies up to this size are kept while sent, so a request can be replayed after a 401.
 REPLAY_LIMIT = 64 * 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# CONNECT opens a tunnel; TRACE is sent without a token; neither fits the fast path.
+_NOT_FAST = frozenset({"CONNECT", "TRACE"})
 UPGRADE_KEEP = frozenset({b"upgrade"})
 
 _default_tls: ssl.SSLContext | None = None
@@ -69,7 +72,7 @@ def _passthrough_tls() -> ssl.SSLContext:
     return _default_tls
 
 
-class _Plan:
+class Plan:
     """Where one request goes and what it carries."""
 
     __slots__ = ("host", "label", "origin", "path", "route")
@@ -80,6 +83,9 @@ class _Plan:
         self.host = host
         self.path = path
         self.label = route.name if route is not None else UNMATCHED
+
+
+Planner = Callable[[RequestHead], Plan]
 
 
 class _Retry(Exception):
@@ -97,93 +103,115 @@ class Forwarder:
         tunnels: TunnelHandler,
     ) -> None:
         self._holder = holder
-        self._pool = pool
+        self.pool = pool
         self._metrics = metrics
         self._tunnels = tunnels
         self._loop = asyncio.get_event_loop()
+        self._background: set[asyncio.Task[None]] = set()
 
-    # -- entry points (ClientConnection handlers) ---------------------------
+    # -- entry points: one ModeHandler per port ------------------------------
 
-    async def forward(
-        self, conn: ClientConnection, head: RequestHead, body: RequestBody | None
-    ) -> bool:
-        """A request on the forward-proxy port."""
-        if head.method == "CONNECT":
-            return await self._tunnels.handle_connect(conn, head)
-        try:
-            plan = self._plan_forward(head)
-        except ProxyError as error:
-            return self._refuse(conn, head, body, error, UNMATCHED)
-        return await self._serve(conn, head, body, plan)
+    def forward_handler(self) -> ModeHandler:
+        """The handler of the forward-proxy port (absolute-form targets and CONNECT)."""
+        return ModeHandler(self, self._plan_forward, connect=self._tunnels.handle_connect)
 
-    def reverse_handler(self, upstream_name: str) -> _ReverseHandler:
-        return _ReverseHandler(self, upstream_name)
+    def reverse_handler(self, upstream_name: str) -> ModeHandler:
+        """The handler of `upstream_name`'s own port: everything goes to its `url`."""
+        return ModeHandler(self, partial(self._plan_reverse, upstream_name))
 
-    def intercepted_handler(self, host: str, port: int) -> _InterceptedHandler:
+    def intercepted_handler(self, host: str, port: int) -> ModeHandler:
         """The handler for requests inside an intercepted `CONNECT host:port` TLS session."""
-        return _InterceptedHandler(self, host, port)
+        return ModeHandler(self, partial(self._plan_intercepted, host, port))
 
-    async def intercepted(
+    async def handle(
         self,
-        host: str,
-        port: int,
+        planner: Planner,
         conn: ClientConnection,
         head: RequestHead,
         body: RequestBody | None,
     ) -> bool:
-        """A request decrypted from a CONNECT tunnel: its destination is the tunnel's."""
+        """The general path: any request, as a coroutine."""
         try:
-            _check_host_fields(head)
-            if not head.target.startswith(b"/"):
-                target = parse_absolute_target(head.target)
-                if (target.host, target.port) != (host, port):
-                    raise BadRequest("request target does not match the CONNECT authority")
-                path = target.path
-            else:
-                path = head.target
-                (authority,) = header_values(head.headers, b"host") or [b""]
-                named_host, named_port = split_authority(authority.decode("latin-1"), 443)
-                if (named_host, named_port) != (host, port):
-                    # Host confusion: the token would be chosen for one host and sent to another.
-                    raise BadRequest("Host header does not match the CONNECT authority")
-            plan = self._plan_target(Target("https", host, port, path))
-        except (ProxyError, UnicodeDecodeError) as error:
-            if not isinstance(error, ProxyError):
-                error = BadRequest("Host header is not ASCII")
-            return self._refuse(conn, head, body, error, UNMATCHED)
-        return await self._serve(conn, head, body, plan)
-
-    async def reverse(
-        self,
-        upstream_name: str,
-        conn: ClientConnection,
-        head: RequestHead,
-        body: RequestBody | None,
-    ) -> bool:
-        """A request on `upstream_name`'s own port: everything goes to its `url`."""
-        route = self._holder.current.routes.get(upstream_name)
-        try:
-            if route is None:
-                raise HostNotAllowed(
-                    "this upstream is no longer configured", upstream=upstream_name
-                )
-            if route.origin is None or route.host_header is None:
-                raise BadRequest("this upstream has no url to send to", upstream=upstream_name)
-            _check_host_fields(head)
-            path = head.target
-            if not path.startswith(b"/"):
-                if head.method == "OPTIONS" and path == b"*":
-                    pass
-                else:
-                    path = parse_absolute_target(path).path
-            plan = _Plan(route, route.origin, route.host_header, path)
+            plan = planner(head)
         except ProxyError as error:
-            return self._refuse(conn, head, body, error, upstream_name)
+            return self.refuse(conn, head, body, error, error.upstream or UNMATCHED)
         return await self._serve(conn, head, body, plan)
+
+    def try_fast(self, planner: Planner, conn: ClientConnection, head: RequestHead) -> bool:
+        """Start `head` on the fast path if it qualifies; False leaves it to `handle`."""
+        if head.has_body or head.upgrade or head.method in _NOT_FAST:
+            return False
+        try:
+            plan = planner(head)
+        except ProxyError:
+            return False  # answered by the general path
+        token: str | None = None
+        route = plan.route
+        if route is not None:
+            token = route.provider.current()
+            if token is None:
+                return False
+        upconn = self.pool.take_idle(plan.origin)
+        if upconn is None:
+            return False
+        request_head, injected = self._request_head(head, plan, token)
+        upconn.begin(
+            FastExchange(self, conn, head, plan, upconn, token, injected, self._loop.time())
+        )
+        upconn.write(request_head)
+        return True
+
+    def finish_slowly(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        plan: Plan,
+        token: str | None,
+        started: float,
+        *,
+        after_401: bool,
+    ) -> None:
+        """Carry a fast-path request on in the general path (after a 401, or a stale connection)."""
+        task = self._loop.create_task(
+            self._finish_slowly(conn, head, plan, token, started, after_401=after_401)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _finish_slowly(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        plan: Plan,
+        token: str | None,
+        started: float,
+        *,
+        after_401: bool,
+    ) -> None:
+        try:
+            if after_401:
+                keep_alive = await self._replay_with_new_token(
+                    conn, head, None, plan, None, started
+                )
+            else:
+                try:
+                    keep_alive = await self._attempt(
+                        conn, head, None, plan, token, None, started, fresh=True
+                    )
+                except ProxyError as error:
+                    keep_alive = self.refuse(conn, head, None, error, plan.label, started=started)
+        except Exception:
+            log.exception("unexpected error finishing a request")
+            conn.abort()
+            keep_alive = False
+        conn.fast_done(keep_alive)
+
+    def write_interim(self, conn: ClientConnection, interim: ResponseHead) -> None:
+        _write_interim(conn, interim)
 
     # -- planning ---------------------------------------------------------------
 
-    def _plan_forward(self, head: RequestHead) -> _Plan:
+    def _plan_forward(self, head: RequestHead) -> Plan:
         if not head.target or head.target.startswith(b"/") or head.target == b"*":
             raise BadRequest(
                 "origin-form request on the forward-proxy port: send absolute-form "
@@ -192,21 +220,57 @@ class Forwarder:
         _check_host_fields(head)
         return self._plan_target(parse_absolute_target(head.target))
 
-    def _plan_target(self, target: Target) -> _Plan:
+    def _plan_reverse(self, upstream_name: str, head: RequestHead) -> Plan:
+        route = self._holder.current.routes.get(upstream_name)
+        if route is None:
+            raise HostNotAllowed("this upstream is no longer configured", upstream=upstream_name)
+        if route.origin is None or route.host_header is None:
+            raise BadRequest("this upstream has no url to send to", upstream=upstream_name)
+        try:
+            _check_host_fields(head)
+            path = head.target
+            if not path.startswith(b"/") and not (head.method == "OPTIONS" and path == b"*"):
+                path = parse_absolute_target(path).path
+        except ProxyError as error:
+            error.upstream = upstream_name
+            raise
+        return Plan(route, route.origin, route.host_header, path)
+
+    def _plan_intercepted(self, host: str, port: int, head: RequestHead) -> Plan:
+        """A request decrypted from a CONNECT tunnel: its destination is the tunnel's."""
+        _check_host_fields(head)
+        if not head.target.startswith(b"/"):
+            target = parse_absolute_target(head.target)
+            if (target.host, target.port) != (host, port):
+                raise BadRequest("request target does not match the CONNECT authority")
+            path = target.path
+        else:
+            path = head.target
+            (authority,) = header_values(head.headers, b"host") or [b""]
+            try:
+                named = split_authority(authority.decode("ascii"), 443)
+            except UnicodeDecodeError:
+                raise BadRequest("Host header is not ASCII") from None
+            if named != (host, port):
+                # Host confusion: the token would be chosen for one host and sent to another.
+                raise BadRequest("Host header does not match the CONNECT authority")
+        return self._plan_target(Target("https", host, port, path))
+
+    def _plan_target(self, target: Target) -> Plan:
         runtime = self._holder.current
         upstream = runtime.router.match(target.scheme, target.host, target.port, target.path)
         route = runtime.route_for(upstream)
         if route is None:
             if runtime.config.unknown_hosts == "deny":
                 raise HostNotAllowed(f"{target.host} matches no configured upstream")
-            return _Plan(None, _origin_of(target), target.authority.encode("ascii"), target.path)
+            return Plan(None, _origin_of(target), target.authority.encode("ascii"), target.path)
         if route.origin is not None and route.host_header is not None:
             if target.scheme == "https" and route.origin.scheme != "https":
                 raise BadRequest(
                     "an https:// request would be sent over plain http with a token",
                     upstream=route.name,
                 )
-            return _Plan(route, route.origin, route.host_header, target.path)
+            return Plan(route, route.origin, route.host_header, target.path)
         if (
             target.scheme == "http"
             and not route.config.allow_insecure_http
@@ -221,12 +285,12 @@ class Forwarder:
                 upstream=route.name,
             )
         origin = _origin_of(target, route)
-        return _Plan(route, origin, target.authority.encode("ascii"), target.path)
+        return Plan(route, origin, target.authority.encode("ascii"), target.path)
 
     # -- the exchange --------------------------------------------------------------
 
     async def _serve(
-        self, conn: ClientConnection, head: RequestHead, body: RequestBody | None, plan: _Plan
+        self, conn: ClientConnection, head: RequestHead, body: RequestBody | None, plan: Plan
     ) -> bool:
         started = self._loop.time()
         route = plan.route
@@ -240,7 +304,7 @@ class Forwarder:
                     token = await provider.get()
         except TokenUnavailable as error:
             self._metrics.token_unavailable.labels(upstream=plan.label).inc()
-            return self._refuse(conn, head, body, error, plan.label, started=started)
+            return self.refuse(conn, head, body, error, plan.label, started=started)
         kept = _KeptBody() if head.method in IDEMPOTENT else None
         try:
             try:
@@ -255,14 +319,14 @@ class Forwarder:
                     "upstream closed the connection",
                     upstream=plan.route.name if plan.route is not None else None,
                 )
-            return self._refuse(conn, head, body, error, plan.label, started=started)
+            return self.refuse(conn, head, body, error, plan.label, started=started)
 
     async def _attempt(
         self,
         conn: ClientConnection,
         head: RequestHead,
         body: RequestBody | None,
-        plan: _Plan,
+        plan: Plan,
         token: str | None,
         kept: _KeptBody | None,
         started: float,
@@ -287,7 +351,7 @@ class Forwarder:
         except ProxyError:
             if body_task is not None:
                 body_task.cancel()
-            self._pool.discard(upconn)
+            self.pool.discard(upconn)
             if reused and not exchange.received_any and body is None and head.method in IDEMPOTENT:
                 raise _Retry() from None
             raise
@@ -307,30 +371,41 @@ class Forwarder:
         else:
             replayable = False
         if replayable:
-            assert route is not None
             if body_task is not None:
                 body_task.cancel()
-            self._pool.discard(upconn)
-            self._metrics.upstream_unauthorized_retries.labels(upstream=route.name).inc()
-            log.info(
-                "upstream answered 401; retrying once with a new token",
-                extra={"event": "unauthorized_retry", "upstream": route.name},
-            )
-            try:
-                new_token = await route.provider.get()
-            except TokenUnavailable as error:
-                self._metrics.token_unavailable.labels(upstream=route.name).inc()
-                return self._refuse(conn, head, body, error, plan.label, started=started)
-            return await self._attempt(
-                conn, head, body, plan, new_token, kept, started, replay=True
-            )
-        self._record(conn, head, plan.label, response.status, started, response.content_length)
+            self.pool.discard(upconn)
+            return await self._replay_with_new_token(conn, head, body, plan, kept, started)
+        self.record(conn, head, plan.label, response.status, started, response)
         if response.status == 101 and head.upgrade:
             return self._upgrade(conn, upconn, exchange, response, body_task)
         return await self._relay(conn, head, body, upconn, exchange, response, body_task)
 
-    async def _connection(self, plan: _Plan, *, fresh: bool) -> tuple[UpstreamConnection, bool]:
-        conn = None if fresh else self._pool.take_idle(plan.origin)
+    async def _replay_with_new_token(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        body: RequestBody | None,
+        plan: Plan,
+        kept: _KeptBody | None,
+        started: float,
+    ) -> bool:
+        """Send the request again with a new token, after a 401 to the old one."""
+        route = plan.route
+        assert route is not None
+        self._metrics.upstream_unauthorized_retries.labels(upstream=route.name).inc()
+        log.info(
+            "upstream answered 401; retrying once with a new token",
+            extra={"event": "unauthorized_retry", "upstream": route.name},
+        )
+        try:
+            token = await route.provider.get()
+        except TokenUnavailable as error:
+            self._metrics.token_unavailable.labels(upstream=route.name).inc()
+            return self.refuse(conn, head, body, error, plan.label, started=started)
+        return await self._attempt(conn, head, body, plan, token, kept, started, replay=True)
+
+    async def _connection(self, plan: Plan, *, fresh: bool) -> tuple[UpstreamConnection, bool]:
+        conn = None if fresh else self.pool.take_idle(plan.origin)
         if conn is not None:
             return conn, True
         if plan.route is not None:
@@ -338,27 +413,27 @@ class Forwarder:
             connect_timeout, timeout = config.connect_timeout, config.timeout
         else:
             connect_timeout, timeout = 5.0, 60.0
-        conn = await self._pool.connect(
+        conn = await self.pool.connect(
             plan.origin, connect_timeout=connect_timeout, read_timeout=timeout
         )
         return conn, False
 
-    def _request_head(
-        self, head: RequestHead, plan: _Plan, token: str | None
-    ) -> tuple[bytes, bool]:
+    def _request_head(self, head: RequestHead, plan: Plan, token: str | None) -> tuple[bytes, bool]:
         """The head to send upstream, and whether our token is in it."""
+        route = plan.route
+        credential = None
+        overwrite = True
+        if token is not None and route is not None:
+            credential = (route.header_name, b"Bearer " + token.encode("ascii"))
+            overwrite = route.config.overwrite
         if head.upgrade:
-            headers = end_to_end(head.headers, keep=UPGRADE_KEEP)
+            headers, injected = forward_headers(
+                head.headers, credential=credential, overwrite=overwrite, keep=UPGRADE_KEEP
+            )
             headers.append((b"Connection", b"Upgrade"))
         else:
-            headers = end_to_end(head.headers)
-        injected = False
-        if token is not None and plan.route is not None:
-            headers, injected = inject(
-                headers,
-                plan.route.header_name,
-                b"Bearer " + token.encode("ascii"),
-                overwrite=plan.route.config.overwrite,
+            headers, injected = forward_headers(
+                head.headers, credential=credential, overwrite=overwrite
             )
         if head.chunked:
             framing = b"Transfer-Encoding: chunked\r\n"
@@ -401,9 +476,7 @@ class Forwarder:
     ) -> bool:
         # After an early answer (the upstream did not read the whole request body), what
         # is left of that body cannot be told apart from a next request: close.
-        keep_alive = (
-            head.keep_alive and not conn.listener.draining and (body is None or body.done)
-        )
+        keep_alive = head.keep_alive and not conn.listener.draining and (body is None or body.done)
         response_head, has_body, rechunk, keep_alive = frame_response(
             head, response, keep_alive=keep_alive
         )
@@ -421,7 +494,7 @@ class Forwarder:
                 # Too late for an error response: the client sees a cut-short body.
                 if body_task is not None:
                     body_task.cancel()
-                self._pool.discard(upconn)
+                self.pool.discard(upconn)
                 conn.abort()
                 return False
         if body_task is not None:
@@ -431,7 +504,7 @@ class Forwarder:
                 upconn.abort_after_exchange = True
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await body_task
-        self._pool.release(upconn)
+        self.pool.release(upconn)
         return keep_alive
 
     async def _stream_response(
@@ -481,15 +554,16 @@ class Forwarder:
         )
         return False
 
-    def _record(
+    def record(
         self,
         conn: ClientConnection,
         head: RequestHead,
         label: str,
         status: int,
         started: float | None,
-        size: int | None,
+        response: ResponseHead | None,
     ) -> None:
+        """Count the answer in the metrics, and log it when the access log is on."""
         elapsed = self._loop.time() - started if started is not None else 0.0
         self._metrics.observe_request(label, status, elapsed)
         if self._holder.current.config.access_log:
@@ -500,13 +574,13 @@ class Forwarder:
                 path=head.target.decode("latin-1"),
                 status=status,
                 duration_s=elapsed,
-                bytes_out=size or 0,
+                bytes_out=(response.content_length or 0) if response is not None else 0,
                 client=conn.peer,
             )
 
     # -- answers of our own ------------------------------------------------------
 
-    def _refuse(
+    def refuse(
         self,
         conn: ClientConnection,
         head: RequestHead,
@@ -522,7 +596,7 @@ class Forwarder:
         if error.upstream is None and label != UNMATCHED:
             error.upstream = label
         conn.send_error(error, keep_alive=keep_alive)
-        self._record(conn, head, label, error.status, started, None)
+        self.record(conn, head, label, error.status, started, None)
         if error.status >= 500:
             log.warning(
                 "request failed",
@@ -537,31 +611,29 @@ class Forwarder:
         return keep_alive
 
 
-class _ReverseHandler:
-    """The `RequestHandler` of one reverse-proxy port."""
+class ModeHandler:
+    """The `RequestHandler` of one port: how its requests are planned, on either path."""
 
-    def __init__(self, forwarder: Forwarder, upstream_name: str) -> None:
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        planner: Planner,
+        *,
+        connect: Callable[[ClientConnection, RequestHead], Awaitable[bool]] | None = None,
+    ) -> None:
         self._forwarder = forwarder
-        self._upstream = upstream_name
+        self._planner = planner
+        self._connect = connect
 
     def __call__(
         self, conn: ClientConnection, head: RequestHead, body: RequestBody | None
     ) -> Awaitable[bool]:
-        return self._forwarder.reverse(self._upstream, conn, head, body)
+        if head.method == "CONNECT" and self._connect is not None:
+            return self._connect(conn, head)
+        return self._forwarder.handle(self._planner, conn, head, body)
 
-
-class _InterceptedHandler:
-    """The `RequestHandler` of one intercepted CONNECT tunnel."""
-
-    def __init__(self, forwarder: Forwarder, host: str, port: int) -> None:
-        self._forwarder = forwarder
-        self._host = host
-        self._port = port
-
-    def __call__(
-        self, conn: ClientConnection, head: RequestHead, body: RequestBody | None
-    ) -> Awaitable[bool]:
-        return self._forwarder.intercepted(self._host, self._port, conn, head, body)
+    def fast(self, conn: ClientConnection, head: RequestHead) -> bool:
+        return self._forwarder.try_fast(self._planner, conn, head)
 
 
 def _write_interim(conn: ClientConnection, interim: ResponseHead) -> None:

@@ -7,8 +7,7 @@ RFC 9110 §7.6.1 says a proxy must not forward.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -78,7 +77,6 @@ class ResponseHead:
     keep_alive: bool
     content_length: int | None = None
     chunked: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def connection_tokens(headers: Headers) -> frozenset[bytes]:
@@ -105,64 +103,71 @@ def end_to_end(headers: Headers, *, keep: frozenset[bytes] = frozenset()) -> Hea
     return [(name, value) for name, value in headers if name.lower() not in dropped]
 
 
-def header_values(headers: Headers, name: bytes) -> list[bytes]:
-    lowered = name.lower()
-    return [value for key, value in headers if key.lower() == lowered]
+def forward_headers(
+    headers: Headers,
+    *,
+    credential: tuple[bytes, bytes] | None,
+    overwrite: bool,
+    keep: frozenset[bytes] = frozenset(),
+) -> tuple[Headers, bool]:
+    """The request fields to send upstream, with `credential` (name, value) set once.
 
-
-def inject(headers: Headers, name: bytes, value: bytes, *, overwrite: bool) -> tuple[Headers, bool]:
-    """Set `name: value` once. Returns the new headers and whether the value was injected.
-
-    With `overwrite`, every field of that name the client sent is removed first (never
-    duplicated or comma-joined); without it, a client's own field wins and nothing is added.
+    Hop-by-hop, Connection-named and framing fields are dropped (`keep` excepted). With
+    `overwrite`, fields of the credential's name the client sent are dropped too (never
+    duplicated or comma-joined); without it, a client's own field wins and nothing is
+    added. Returns the fields and whether the credential is among them.
     """
-    lowered = name.lower()
-    present = any(key.lower() == lowered for key, _ in headers)
-    if present and not overwrite:
-        return headers, False
-    kept = [(key, val) for key, val in headers if key.lower() != lowered] if present else headers
-    kept.append((name, value))
+    dropped = _DROPPED
+    for name, _ in headers:
+        if name.lower() == b"connection":
+            dropped = HOP_BY_HOP | FRAMING | connection_tokens(headers)
+            break
+    if keep:
+        dropped = dropped - keep
+    if credential is None:
+        return [(n, v) for n, v in headers if n.lower() not in dropped], False
+    credential_name = credential[0].lower()
+    kept: Headers = []
+    clients_own = False
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered in dropped:
+            continue
+        if lowered == credential_name:
+            clients_own = True
+            if overwrite:
+                continue
+        kept.append((name, value))
+    if clients_own and not overwrite:
+        return kept, False
+    kept.append(credential)
     return kept, True
 
 
-def serialise_headers(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    return b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+def header_values(headers: Headers, name: bytes) -> list[bytes]:
+    lowered = name.lower()
+    return [value for key, value in headers if key.lower() == lowered]
 
 
 def request_head_bytes(
     method: str, path: bytes, host: bytes, headers: Headers, framing: bytes
 ) -> bytes:
     """The request head sent upstream: HTTP/1.1, our Host first, then the end-to-end fields."""
-    return b"".join(
-        (
-            method.encode("ascii"),
-            b" ",
-            path,
-            b" HTTP/1.1\r\nHost: ",
-            host,
-            b"\r\n",
-            serialise_headers(headers),
-            framing,
-            b"\r\n",
-        )
-    )
+    parts = [method.encode("ascii"), b" ", path, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts += (framing, b"\r\n")
+    return b"".join(parts)
 
 
 def response_head_bytes(status: int, reason: bytes, headers: Headers, framing: bytes) -> bytes:
     if not reason:
         reason = _STATUS_REASONS.get(status, b"Unknown")
-    return b"".join(
-        (
-            b"HTTP/1.1 ",
-            str(status).encode("ascii"),
-            b" ",
-            reason,
-            b"\r\n",
-            serialise_headers(headers),
-            framing,
-            b"\r\n",
-        )
-    )
+    parts = [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts += (framing, b"\r\n")
+    return b"".join(parts)
 
 
 def frame_response(

@@ -20,8 +20,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 import httptools
 
@@ -35,9 +34,11 @@ SWEEP_INTERVAL = 0.25
 BodySink = Callable[[bytes], None]
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
-    """Where a connection goes. The TLS context is part of the identity."""
+class Origin(NamedTuple):
+    """Where a connection goes. The TLS context is part of the identity.
+
+    A tuple, because it is a dictionary key looked up on every request.
+    """
 
     scheme: str
     host: str
