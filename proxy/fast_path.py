@@ -23,7 +23,8 @@ from proxy.upstream_pool import Exchange, UpstreamConnection
 
 if TYPE_CHECKING:
     from proxy.client_connection import ClientConnection
-    from proxy.forward import Forwarder, Plan
+    from proxy.forward import Forwarder
+    from proxy.planning import Plan
 
 log = logging.getLogger("token_proxy.forward")
 

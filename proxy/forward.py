@@ -1,15 +1,17 @@
-"""The request path: decide where a request goes, add its token, relay the exchange.
+"""The request path: add the token and relay the exchange, on one of two paths.
 
-`Forwarder` answers requests on the forward-proxy port (absolute-form targets, as sent
-by clients with `HTTP_PROXY`) and on upstreams' reverse-proxy ports (origin-form,
-everything to the upstream's `url`). For each request it
+`Forwarder` serves every port through a `ModeHandler` whose planner (`proxy.planning`)
+decides where a request goes. Then, for each request it
 
-1. works out the destination and the upstream that matches it (`proxy.routing`),
-2. takes the upstream's token from its provider without waiting while one is valid,
-3. sends the head (hop-by-hop fields removed, token injected) and streams the body,
-4. relays the response head and streams the body back, re-framing as needed,
-5. on a 401 to a token it sent, drops that token and retries once when the request
+1. takes the upstream's token from its provider without waiting while one is valid,
+2. sends the head (hop-by-hop fields removed, token set once) and streams the body,
+3. relays the response head and streams the body back, re-framing as needed,
+4. on a 401 to a token it sent, drops that token and retries once when the request
    can be replayed (idempotent, body small enough to have been kept).
+
+Body-less requests with a token and an idle upstream connection at hand take the fast
+path (`proxy.fast_path`), entirely in protocol callbacks; everything else, and
+whatever leaves the fast path, runs here as a coroutine.
 
 Every error before the response head is sent becomes the contract's JSON answer via
 `ProxyError`; after that, the only honest signal left is closing the connection.
@@ -20,14 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
 
 from proxy.client_connection import ClientConnection, RequestBody
 from proxy.errors import (
-    BadRequest,
-    HostNotAllowed,
     ProxyError,
     TokenUnavailable,
     UpstreamUnreachable,
@@ -36,7 +35,6 @@ from proxy.fast_path import FastExchange
 from proxy.logs import log_access
 from proxy.messages import (
     LAST_CHUNK,
-    Headers,
     RequestHead,
     ResponseHead,
     chunk,
@@ -48,10 +46,10 @@ from proxy.messages import (
     response_head_bytes,
 )
 from proxy.metrics import UNMATCHED, Metrics
-from proxy.routing import DEFAULT_PORTS, Target, parse_absolute_target, split_authority
-from proxy.runtime import Route, RuntimeHolder
+from proxy.planning import Plan, Planner, Planners
+from proxy.runtime import RuntimeHolder
 from proxy.tunnel import TunnelHandler, splice
-from proxy.upstream_pool import AwaitedExchange, Origin, UpstreamConnection, UpstreamPool
+from proxy.upstream_pool import AwaitedExchange, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("token_proxy.forward")
 
@@ -61,31 +59,6 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # CONNECT opens a tunnel; TRACE is sent without a token; neither fits the fast path.
 _NOT_FAST = frozenset({"CONNECT", "TRACE"})
 UPGRADE_KEEP = frozenset({b"upgrade"})
-
-_default_tls: ssl.SSLContext | None = None
-
-
-def _passthrough_tls() -> ssl.SSLContext:
-    global _default_tls
-    if _default_tls is None:
-        _default_tls = ssl.create_default_context()
-    return _default_tls
-
-
-class Plan:
-    """Where one request goes and what it carries."""
-
-    __slots__ = ("host", "label", "origin", "path", "route")
-
-    def __init__(self, route: Route | None, origin: Origin, host: bytes, path: bytes) -> None:
-        self.route = route
-        self.origin = origin
-        self.host = host
-        self.path = path
-        self.label = route.name if route is not None else UNMATCHED
-
-
-Planner = Callable[[RequestHead], Plan]
 
 
 class _Retry(Exception):
@@ -103,6 +76,7 @@ class Forwarder:
         tunnels: TunnelHandler,
     ) -> None:
         self._holder = holder
+        self._planners = Planners(holder)
         self.pool = pool
         self._metrics = metrics
         self._tunnels = tunnels
@@ -113,15 +87,15 @@ class Forwarder:
 
     def forward_handler(self) -> ModeHandler:
         """The handler of the forward-proxy port (absolute-form targets and CONNECT)."""
-        return ModeHandler(self, self._plan_forward, connect=self._tunnels.handle_connect)
+        return ModeHandler(self, self._planners.plan_forward, connect=self._tunnels.handle_connect)
 
     def reverse_handler(self, upstream_name: str) -> ModeHandler:
         """The handler of `upstream_name`'s own port: everything goes to its `url`."""
-        return ModeHandler(self, partial(self._plan_reverse, upstream_name))
+        return ModeHandler(self, partial(self._planners.plan_reverse, upstream_name))
 
     def intercepted_handler(self, host: str, port: int) -> ModeHandler:
         """The handler for requests inside an intercepted `CONNECT host:port` TLS session."""
-        return ModeHandler(self, partial(self._plan_intercepted, host, port))
+        return ModeHandler(self, partial(self._planners.plan_intercepted, host, port))
 
     async def handle(
         self,
@@ -208,84 +182,6 @@ class Forwarder:
 
     def write_interim(self, conn: ClientConnection, interim: ResponseHead) -> None:
         _write_interim(conn, interim)
-
-    # -- planning ---------------------------------------------------------------
-
-    def _plan_forward(self, head: RequestHead) -> Plan:
-        if not head.target or head.target.startswith(b"/") or head.target == b"*":
-            raise BadRequest(
-                "origin-form request on the forward-proxy port: send absolute-form "
-                "(http://host/path), as HTTP_PROXY clients do"
-            )
-        _check_host_fields(head)
-        return self._plan_target(parse_absolute_target(head.target))
-
-    def _plan_reverse(self, upstream_name: str, head: RequestHead) -> Plan:
-        route = self._holder.current.routes.get(upstream_name)
-        if route is None:
-            raise HostNotAllowed("this upstream is no longer configured", upstream=upstream_name)
-        if route.origin is None or route.host_header is None:
-            raise BadRequest("this upstream has no url to send to", upstream=upstream_name)
-        try:
-            _check_host_fields(head)
-            path = head.target
-            if not path.startswith(b"/") and not (head.method == "OPTIONS" and path == b"*"):
-                path = parse_absolute_target(path).path
-        except ProxyError as error:
-            error.upstream = upstream_name
-            raise
-        return Plan(route, route.origin, route.host_header, path)
-
-    def _plan_intercepted(self, host: str, port: int, head: RequestHead) -> Plan:
-        """A request decrypted from a CONNECT tunnel: its destination is the tunnel's."""
-        _check_host_fields(head)
-        if not head.target.startswith(b"/"):
-            target = parse_absolute_target(head.target)
-            if (target.host, target.port) != (host, port):
-                raise BadRequest("request target does not match the CONNECT authority")
-            path = target.path
-        else:
-            path = head.target
-            (authority,) = header_values(head.headers, b"host") or [b""]
-            try:
-                named = split_authority(authority.decode("ascii"), 443)
-            except UnicodeDecodeError:
-                raise BadRequest("Host header is not ASCII") from None
-            if named != (host, port):
-                # Host confusion: the token would be chosen for one host and sent to another.
-                raise BadRequest("Host header does not match the CONNECT authority")
-        return self._plan_target(Target("https", host, port, path))
-
-    def _plan_target(self, target: Target) -> Plan:
-        runtime = self._holder.current
-        upstream = runtime.router.match(target.scheme, target.host, target.port, target.path)
-        route = runtime.route_for(upstream)
-        if route is None:
-            if runtime.config.unknown_hosts == "deny":
-                raise HostNotAllowed(f"{target.host} matches no configured upstream")
-            return Plan(None, _origin_of(target), target.authority.encode("ascii"), target.path)
-        if route.origin is not None and route.host_header is not None:
-            if target.scheme == "https" and route.origin.scheme != "https":
-                raise BadRequest(
-                    "an https:// request would be sent over plain http with a token",
-                    upstream=route.name,
-                )
-            return Plan(route, route.origin, route.host_header, target.path)
-        if (
-            target.scheme == "http"
-            and not route.config.allow_insecure_http
-            and not _is_loopback(target.host)
-        ):
-            # RFC 6750 §5.3: a bearer token only travels over TLS, unless the operator
-            # says the network below is trusted (a service mesh with mTLS, say).
-            raise HostNotAllowed(
-                f"the token of upstream '{route.name}' would travel in cleartext to "
-                f"{target.host}; set its url to https://{target.authority}, or set "
-                "allow_insecure_http: true if the network is trusted",
-                upstream=route.name,
-            )
-        origin = _origin_of(target, route)
-        return Plan(route, origin, target.authority.encode("ascii"), target.path)
 
     # -- the exchange --------------------------------------------------------------
 
@@ -643,33 +539,9 @@ def _write_interim(conn: ClientConnection, interim: ResponseHead) -> None:
     )
 
 
-def _is_loopback(host: str) -> bool:
-    return host == "localhost" or host.startswith("127.") or host == "::1"
-
-
 def _host_of(head: RequestHead) -> str:
     values = header_values(head.headers, b"host")
     return values[0].decode("latin-1") if values else "-"
-
-
-def _check_host_fields(head: RequestHead) -> None:
-    hosts = header_values(head.headers, b"host")
-    if len(hosts) > 1:
-        raise BadRequest("more than one Host header")  # RFC 9112 §3.2
-    if not hosts and head.version == "1.1":
-        raise BadRequest("missing Host header")
-
-
-def _origin_of(target: Target, route: Route | None = None) -> Origin:
-    tls: ssl.SSLContext | None = None
-    if target.scheme == "https":
-        if route is not None:
-            from proxy.tls_context import client_ssl_context
-
-            tls = client_ssl_context(route.config.tls)
-        else:
-            tls = _passthrough_tls()
-    return Origin(target.scheme, target.host, target.port, tls)
 
 
 class _KeptBody:
@@ -704,15 +576,3 @@ async def _sent_whole(body_task: asyncio.Task[None] | None, kept: _KeptBody) -> 
     if not body_task.done() or body_task.cancelled() or body_task.exception() is not None:
         return False
     return not kept.overflow
-
-
-def split_connect_target(target: bytes) -> tuple[str, int]:
-    """`host:port` of a CONNECT request (RFC 9110 §9.3.6): the port is required."""
-    try:
-        text = target.decode("ascii")
-    except UnicodeDecodeError:
-        raise BadRequest("CONNECT target is not ASCII") from None
-    return split_authority(text, None)
-
-
-__all__ = ["DEFAULT_PORTS", "Forwarder", "Headers", "split_connect_target"]
