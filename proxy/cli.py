@@ -42,6 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         return _fail(str(error))
     if options.command == "check":
+        intercept = config.tls_intercept
+        if intercept is not None and intercept.ca_cert_file is not None:
+            from proxy.local_ca import AuthorityError, CertificateAuthority
+
+            assert intercept.ca_key_file is not None  # both or neither (config validation)
+            try:
+                CertificateAuthority.load(intercept.ca_cert_file, intercept.ca_key_file)
+            except AuthorityError as error:
+                return _fail(f"{config.source}: tls_intercept.{error.key}: {error.problem}")
         print(summary(config))
         return 0
     # Imported here so `check` works without the server's dependencies loaded.

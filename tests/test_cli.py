@@ -228,6 +228,28 @@ def test_check_describes_tls_interception(tmp_path: Path) -> None:
     ]
 
 
+def test_check_loads_the_interception_ca_files(tmp_path: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.crt"))
+    ca.private_key_pem.write_to_path(str(tmp_path / "ca.key"))
+    path = tmp_path / "proxy.yaml"
+    body = f"tls_intercept:\n  ca_cert_file: {tmp_path}/ca.crt\n  ca_key_file: {{key}}\n"
+    path.write_text(body.format(key=tmp_path / "ca.key"))
+    assert run_cli("check", "--config", str(path)).returncode == 0
+
+    (tmp_path / "wrong.key").write_text(
+        "-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n"
+    )
+    path.write_text(body.format(key=tmp_path / "wrong.key"))
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+    assert "tls_intercept.ca_key_file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_demo_receives_its_own_arguments() -> None:
     # `--help` is the demo's option, not ours: it must reach proxy.demo untouched.
     result = run_cli("demo", "--help")
