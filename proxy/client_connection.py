@@ -28,7 +28,9 @@ from proxy.errors import (
     HeadersTooLarge,
     ProxyError,
     RequestTooLarge,
+    TransferCodingNotImplemented,
     UriTooLong,
+    VersionNotSupported,
     error_response,
 )
 from proxy.messages import Headers, RequestHead
@@ -142,6 +144,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers: Headers = []
         self._head_size = 0
+        self._unfinished_head = 0
         self._body: RequestBody | None = None
         self._parsing_error: ProxyError | None = None
         self._raw_sink: RawSink | None = None
@@ -178,14 +181,24 @@ class ClientConnection(asyncio.Protocol):
             # Bytes after an upgrade request while its handler decides: keep them.
             self._taken_over_tail += data
             return
+        in_head = self.header_deadline != 0.0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._taken_over_tail = data[upgrade.args[0] :]
             self._parse_stopped = True
             self.pause_reading()
+            return
         except httptools.HttpParserError as exc:
             self._parse_failed(self._parsing_error or BadRequest(_parser_message(exc)))
+            return
+        if in_head and self.header_deadline:
+            # httptools keeps a header field to itself until the next one starts, so
+            # on_header never sees a field that does not end: bound an unfinished head
+            # by the bytes that arrived while it was unfinished (RFC 9110 §5.4: 4xx).
+            self._unfinished_head += len(data)
+            if self._unfinished_head > self._limits.max_request_line + self._limits.max_header_size:
+                self._parse_failed(HeadersTooLarge("request headers too large"))
 
     def eof_received(self) -> bool | None:
         if self._raw_sink is not None:
@@ -206,6 +219,10 @@ class ClientConnection(asyncio.Protocol):
             self._raw_sink.client_lost()
         if self._body is not None:
             self._body.fail(ConnectionResetError("client connection lost"))
+        if self.busy and self._raw_sink is None and self._worker is not None:
+            # Nobody is left to answer: stop waiting on (or streaming from) the upstream,
+            # so that its connection is freed now rather than at its timeout.
+            self._worker.cancel()
         for item in self._queue:
             if isinstance(item, tuple) and item[1] is not None:
                 item[1].fail(ConnectionResetError("client connection lost"))
@@ -238,6 +255,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._head_size = 0
+        self._unfinished_head = 0
         self.header_deadline = self._loop.time() + self._limits.header_timeout
         self.idle_deadline = 0.0
 
@@ -261,26 +279,54 @@ class ClientConnection(asyncio.Protocol):
         self.header_deadline = 0.0
         parser = self._parser
         method = parser.get_method().decode("ascii")
+        version = parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            # llhttp takes `GET /x` (HTTP/0.9) and any one-digit major version; this
+            # proxy speaks HTTP/1.x and re-sends as HTTP/1.1 (RFC 9110 §15.6.6: 505).
+            self._parsing_error = VersionNotSupported(f"HTTP/{version} is not supported")
+            raise self._parsing_error
         content_length: int | None = None
-        chunked = False
+        codings: list[bytes] = []
         for name, value in self._headers:
             lowered = name.lower()
             if lowered == b"content-length":
                 content_length = int(value)
             elif lowered == b"transfer-encoding":
-                chunked = True  # llhttp accepts only a final `chunked` for requests
+                codings += [coding.strip().lower() for coding in value.split(b",")]
+        chunked = bool(codings)  # llhttp accepts only a final `chunked` for requests
         if chunked:
+            if version == "1.0":
+                # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means the framing is faulty.
+                self._parsing_error = BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+                raise self._parsing_error
+            if codings != [b"chunked"]:
+                # Re-framing as plain chunked would strip the other codings from the body,
+                # and llhttp rejects some only after this callback, once the head has gone
+                # upstream (RFC 9112 §6.1: 501 for codings a server does not implement).
+                self._parsing_error = TransferCodingNotImplemented(
+                    "only the chunked transfer coding is supported"
+                )
+                raise self._parsing_error
             content_length = None
+        limit = self._limits.max_body_size
+        if limit is not None and content_length is not None and content_length > limit:
+            # Refuse before anything goes upstream (RFC 9110 §15.5.14).
+            self._parsing_error = RequestTooLarge(f"request body larger than {limit} bytes")
+            raise self._parsing_error
         head = RequestHead(
             method=method,
             target=self._url,
-            version=parser.get_http_version(),
+            version=version,
             headers=self._headers,
             keep_alive=parser.should_keep_alive(),
             upgrade=parser.should_upgrade(),
             content_length=content_length,
             chunked=chunked,
         )
+        # Trailer fields (llhttp reports them through on_header too) go to a list of their
+        # own and are dropped: never merged into the head (RFC 9110 §6.5.1), yet bounded.
+        self._headers = []
+        self._head_size = 0
         if head.has_body:
             body: RequestBody | None = RequestBody(self)
             self._body = body
@@ -368,6 +414,8 @@ class ClientConnection(asyncio.Protocol):
                 item = self._queue.popleft()
                 if isinstance(item, ProxyError):
                     self.send_error(item, keep_alive=False)
+                    # RFC 9112 §9.6: a server that sends `close` closes after the response.
+                    self.close()
                     return
                 head, body = item
                 self.busy = True

@@ -97,6 +97,20 @@ class UriTooLong(ProxyError):
     code = "bad_request"
 
 
+class TransferCodingNotImplemented(ProxyError):
+    """A request transfer coding other than `chunked` (RFC 9112 §6.1: 501)."""
+
+    status = 501
+    code = "bad_request"
+
+
+class VersionNotSupported(ProxyError):
+    """A request line naming an HTTP version other than 1.0 or 1.1 (RFC 9110 §15.6.6)."""
+
+    status = 505
+    code = "bad_request"
+
+
 _REASONS = {
     400: "Bad Request",
     403: "Forbidden",
@@ -104,9 +118,11 @@ _REASONS = {
     414: "URI Too Long",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    501: "Not Implemented",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
 }
 
 

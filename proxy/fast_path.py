@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, UpstreamUnreachable
 from proxy.messages import LAST_CHUNK, RequestHead, ResponseHead, chunk, frame_response
 from proxy.upstream_pool import Exchange, UpstreamConnection
 
@@ -75,12 +75,19 @@ class FastExchange(Exchange):
         self.keep_alive = False
         self.rechunk = False
         self._out: list[bytes] = []
+        # If the client goes away before the answer, stop waiting on the upstream.
+        conn.on_resume_writing = self._client_resumed
 
     def on_interim(self, head: ResponseHead) -> None:
         if self.request.version == "1.1":
             self.forwarder.write_interim(self.conn, head)
 
     def on_head(self, head: ResponseHead) -> None:
+        if head.status == 101:
+            # No upgrade was asked for on this path (RFC 9110 §15.2.2): not HTTP any more.
+            self.upconn.abort()
+            self.fail(UpstreamUnreachable("the upstream switched protocols unasked"))
+            return
         route = self.plan.route
         token = self.token
         if head.status == 401 and self.injected and route is not None and token is not None:
@@ -134,7 +141,9 @@ class FastExchange(Exchange):
         conn = self.conn
         conn.on_resume_writing = None
         self.forwarder.pool.discard(self.upconn)
-        if self.head_sent:
+        if conn.closed:
+            conn.fast_done(False)  # the client went away: nobody to answer or retry for
+        elif self.head_sent:
             # Too late for an error answer: the client sees a cut-short response.
             conn.abort()
             conn.fast_done(False)
@@ -151,6 +160,7 @@ class FastExchange(Exchange):
 
     def _hand_off(self, *, after_401: bool) -> None:
         self.handed_off = True
+        self.conn.on_resume_writing = None
         self.forwarder.pool.discard(self.upconn)
         self.forwarder.finish_slowly(
             self.conn, self.request, self.plan, self.token, self.started, after_401=after_401

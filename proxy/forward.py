@@ -242,6 +242,7 @@ class Forwarder:
         if body is not None:
             source = kept if replay else body
             body_task = self._loop.create_task(self._send_body(upconn, head, source, kept))
+            body_task.add_done_callback(partial(_abandon_on_body_error, exchange, upconn))
         try:
             response = await exchange.head
         except ProxyError:
@@ -251,6 +252,19 @@ class Forwarder:
             if reused and not exchange.received_any and body is None and head.method in IDEMPOTENT:
                 raise _Retry() from None
             raise
+        except asyncio.CancelledError:
+            # The client went away (its connection cancels the handler): free the upstream.
+            if body_task is not None:
+                body_task.cancel()
+            self.pool.discard(upconn)
+            raise
+        if response.status == 101 and not head.upgrade:
+            # RFC 9110 §15.2.2: a server must not switch to a protocol the client did not
+            # ask for; what follows on this connection is not HTTP any more.
+            if body_task is not None:
+                body_task.cancel()
+            self.pool.discard(upconn)
+            raise UpstreamUnreachable("the upstream switched protocols unasked")
         if response.status == 401 and injected and route is not None and token is not None:
             # The upstream refused the token we sent: drop it (the provider does this once
             # per token however many requests see the 401) and fetch another.
@@ -393,6 +407,12 @@ class Forwarder:
                 self.pool.discard(upconn)
                 conn.abort()
                 return False
+            except asyncio.CancelledError:
+                # The client went away mid-response: stop reading the upstream at once.
+                if body_task is not None:
+                    body_task.cancel()
+                self.pool.discard(upconn)
+                raise
         if body_task is not None:
             if not body_task.done():
                 body_task.cancel()
@@ -563,6 +583,23 @@ class _KeptBody:
             self.chunks.clear()
         else:
             self.chunks.append(data)
+
+
+def _abandon_on_body_error(
+    exchange: AwaitedExchange, upconn: UpstreamConnection, body_task: asyncio.Task[None]
+) -> None:
+    """The request body broke off (bad chunk, too large): end the exchange now.
+
+    The upstream holds an incomplete request and would wait for the rest until the
+    timeout; aborting its connection means it never sees the message as complete
+    (RFC 9112 §8), and the client gets the 400/413 at once.
+    """
+    if body_task.cancelled() or exchange.complete or exchange.failed:
+        return
+    error = body_task.exception()
+    if isinstance(error, ProxyError):
+        upconn.abort()
+        exchange.fail(error)
 
 
 async def _sent_whole(body_task: asyncio.Task[None] | None, kept: _KeptBody) -> bool:

@@ -42,6 +42,10 @@ class Target:
 def normalise_host(raw: str) -> str:
     """Lower-case `raw` (a host without port), drop one trailing dot; BadRequest if not a host."""
     if raw.startswith("[") and raw.endswith("]"):
+        if "%" in raw:
+            # ipaddress takes `fe80::1%eth0`; a zone identifier (RFC 6874) names an
+            # interface of the client's host and has no place in a request to a proxy.
+            raise BadRequest(f"IPv6 zone identifiers are not allowed: {raw!r}")
         try:
             return str(ipaddress.IPv6Address(raw[1:-1]))
         except ValueError:
@@ -106,6 +110,12 @@ def parse_absolute_target(target: bytes) -> Target:
     return Target(scheme, host, port, path.encode("ascii"))
 
 
+def has_dot_segment(path: bytes) -> bool:
+    """Whether the path (query excluded) has a `.` or `..` segment, plain or percent-encoded."""
+    raw = path.split(b"?", 1)[0].lower().replace(b"%2e", b".")
+    return any(segment in (b".", b"..") for segment in raw.split(b"/"))
+
+
 def path_matches(prefix: str | None, path: bytes) -> bool:
     """Segment-boundary prefix match of the path (query excluded)."""
     if prefix is None:
@@ -132,6 +142,10 @@ class Router:
             candidates = self._table.get((host, None))
         if not candidates:
             return None
+        if has_dot_segment(path) and any(u.match.path_prefix for u in candidates):
+            # `/a/../b` matches prefix /a, but the origin resolves it to /b (RFC 3986
+            # §5.2.4): the token of /a's upstream would reach the path of another.
+            raise BadRequest("dot-segments in the path of a host routed by path_prefix")
         for upstream in candidates:
             if path_matches(upstream.match.path_prefix, path):
                 return upstream

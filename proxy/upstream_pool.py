@@ -30,6 +30,8 @@ from proxy.messages import Headers, ResponseHead
 log = logging.getLogger("token_proxy.upstream")
 
 SWEEP_INTERVAL = 0.25
+# Beyond this a response head is an attack or a bug, not an API (Envoy's default is 60 KiB).
+MAX_RESPONSE_HEAD = 256 * 1024
 
 BodySink = Callable[[bytes], None]
 
@@ -159,6 +161,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchanges = 0
         self._status_reason = b""
         self._headers: Headers = []
+        self._in_head = False
+        self._awaiting_head = False
+        self._keep_alive = False
+        self._head_size = 0
+        self._unfinished_head = 0
         self._interim = False
         self._close_delimited = False
         self._write_paused = False
@@ -181,11 +188,12 @@ class UpstreamConnection(asyncio.Protocol):
             # An idle connection must stay silent; anything else makes it unusable.
             self.abort()
             return
-        self.last_activity = self._loop.time()
         exchange.received_any = True
         if self._upgraded:
+            self.last_activity = self._loop.time()
             exchange.upgrade_tail += data
             return
+        in_head = self._in_head
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -196,6 +204,18 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self.abort()
             exchange.fail(UpstreamUnreachable(f"invalid response from upstream: {exc}"[:200]))
+        else:
+            if in_head and self._in_head:
+                # httptools holds a header field until it ends, and llhttp sets no size
+                # limit: count what arrived while the head stayed unfinished.
+                self._unfinished_head += len(data)
+                if self._unfinished_head > MAX_RESPONSE_HEAD:
+                    self.abort()
+                    exchange.fail(UpstreamUnreachable("response head from upstream is too large"))
+        if not self._awaiting_head:
+            # Bytes of an unfinished head are not an answer: `timeout` bounds the wait for
+            # the whole head after the last request byte, however slowly it trickles in.
+            self.last_activity = self._loop.time()
         exchange.after_data()
 
     def eof_received(self) -> bool | None:
@@ -225,13 +245,25 @@ class UpstreamConnection(asyncio.Protocol):
     # -- httptools callbacks -------------------------------------------------
 
     def on_message_begin(self) -> None:
+        exchange = self.exchange
+        if exchange is None or exchange.complete:
+            # A second response to one request: this connection can no longer be trusted
+            # to frame the next exchange's response.
+            self.abort_after_exchange = True
+            raise UpstreamUnreachable("upstream sent a response nobody asked for")
         self._status_reason = b""
         self._headers = []
+        self._in_head = True
+        self._head_size = 0
+        self._unfinished_head = 0
 
     def on_status(self, reason: bytes) -> None:
         self._status_reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > MAX_RESPONSE_HEAD:
+            raise UpstreamUnreachable("response head from upstream is too large")
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -239,6 +271,10 @@ class UpstreamConnection(asyncio.Protocol):
         assert exchange is not None
         parser = self._parser
         status = parser.get_status_code()
+        self._in_head = False
+        if not 100 <= status <= 599:
+            # llhttp takes any three digits; RFC 9110 §15: outside 100..599 is invalid.
+            raise UpstreamUnreachable(f"invalid status code {status} from upstream")
         content_length: int | None = None
         chunked = False
         for name, value in self._headers:
@@ -256,11 +292,16 @@ class UpstreamConnection(asyncio.Protocol):
             content_length=None if chunked else content_length,
             chunked=chunked,
         )
+        # Trailer fields arrive through on_header too: never merged into the head
+        # already relayed (RFC 9110 §6.5.1).
+        self._headers = []
         if 100 <= status < 200 and status != 101:
             self._interim = True
             exchange.on_interim(head)
             return
         self._interim = False
+        self._awaiting_head = False
+        self._keep_alive = head.keep_alive
         no_body = exchange.head_only or status in (204, 304)
         self._close_delimited = not no_body and not chunked and content_length is None
         exchange.on_head(head)
@@ -289,6 +330,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange = exchange
         self.exchanges += 1
         self._close_delimited = False
+        self._awaiting_head = True
+        self._keep_alive = False
         self.last_activity = self._loop.time()
 
     def write(self, data: bytes) -> None:
@@ -337,6 +380,9 @@ class UpstreamConnection(asyncio.Protocol):
             and not self.abort_after_exchange
             and exchange is not None
             and exchange.complete
+            # RFC 9112 §9.6: after `Connection: close` (or an HTTP/1.0 response without
+            # keep-alive) no further request may be sent on this connection.
+            and self._keep_alive
             and not self.reading_paused
             and not self._upgraded
         )
