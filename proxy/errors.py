@@ -90,6 +90,13 @@ class HeadersTooLarge(ProxyError):
     code = "bad_request"
 
 
+class RequestTimeout(ProxyError):
+    """The client did not send a complete request head within `limits.header_timeout`."""
+
+    status = 408
+    code = "bad_request"
+
+
 class UriTooLong(ProxyError):
     """The request line exceeds the configured limit."""
 
@@ -114,6 +121,7 @@ class VersionNotSupported(ProxyError):
 _REASONS = {
     400: "Bad Request",
     403: "Forbidden",
+    408: "Request Timeout",
     413: "Content Too Large",
     414: "URI Too Long",
     431: "Request Header Fields Too Large",

@@ -27,6 +27,7 @@ from functools import partial
 
 from proxy.client_connection import ClientConnection, RequestBody
 from proxy.errors import (
+    BadRequest,
     ProxyError,
     TokenUnavailable,
     UpstreamUnreachable,
@@ -597,6 +598,10 @@ def _abandon_on_body_error(
     if body_task.cancelled() or exchange.complete or exchange.failed:
         return
     error = body_task.exception()
+    if isinstance(error, ConnectionError):
+        # The client closed or reset before its body was complete: the request can
+        # never be completed, so nobody should wait for the upstream's answer to it.
+        error = BadRequest("the client closed the connection before the request body ended")
     if isinstance(error, ProxyError):
         upconn.abort()
         exchange.fail(error)

@@ -15,6 +15,7 @@ import socket
 
 from proxy.client_connection import ClientConnection, RequestHandler
 from proxy.config import Address, LimitsConfig
+from proxy.errors import RequestTimeout
 from proxy.metrics import Metrics
 
 log = logging.getLogger("token_proxy.listener")
@@ -95,7 +96,14 @@ class Listener:
             stalled_before = now - self.limits.idle_timeout
             for conn in list(self.connections):
                 if conn.header_deadline and now > conn.header_deadline:
-                    conn.abort()
+                    if conn.busy:
+                        conn.abort()  # an answer is being written: a 408 cannot go in between
+                    else:
+                        # RFC 9110 §15.5.9: say why before closing.
+                        conn.send_error(
+                            RequestTimeout("request head not received in time"), keep_alive=False
+                        )
+                        conn.close()
                 elif conn.idle_deadline and now > conn.idle_deadline and not conn.busy:
                     conn.close()
                 elif conn.write_paused_at and conn.write_paused_at < stalled_before:

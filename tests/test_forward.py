@@ -447,3 +447,56 @@ async def test_a_client_that_stops_reading_is_cut_off(
 
     await eventually(cut_off, within=20)
     writer.close()
+
+
+async def test_an_unfinished_head_gets_408_at_the_header_timeout(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    app = await start_proxy(
+        proxy_config(
+            upstream_config(
+                "inventory", ["inventory.internal"], token_config(token_server), url=upstream.url
+            ),
+            limits=LimitsConfig(header_timeout=0.5),
+        )
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    writer.write(b"GET http://inventory.internal/x HTTP/1.1\r\nHost: inventory.internal\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), timeout=10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"Connection: close" in answer
+    assert upstream.received == []
+
+
+async def test_a_client_that_closes_mid_body_frees_the_upstream_at_once(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    app = await start_proxy(
+        proxy_config(
+            upstream_config(
+                "inventory",
+                ["inventory.internal"],
+                token_config(token_server),
+                url=upstream.url,
+                timeout=30.0,
+            )
+        )
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    writer.write(
+        b"POST http://inventory.internal/upload HTTP/1.1\r\nHost: inventory.internal\r\n"
+        b"Content-Length: 100\r\n\r\n0123456789"
+    )
+    await writer.drain()
+
+    async def upload_started() -> bool:
+        return any(seen.path == "/upload" for seen in upstream.received)
+
+    await eventually(upload_started)
+    writer.write_eof()
+    answer = await asyncio.wait_for(reader.read(), timeout=5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"before the request body ended" in answer
