@@ -33,7 +33,7 @@ from proxy.errors import (
     VersionNotSupported,
     error_response,
 )
-from proxy.messages import Headers, RequestHead
+from proxy.messages import HeadFields, RequestHead
 
 if TYPE_CHECKING:
     from proxy.listener import Listener
@@ -142,8 +142,7 @@ class ClientConnection(asyncio.Protocol):
         self._worker: asyncio.Task[None] | None = None
         # Parsing state of the request being read.
         self._url = b""
-        self._headers: Headers = []
-        self._head_size = 0
+        self._fields = HeadFields()
         self._unfinished_head = 0
         self._body: RequestBody | None = None
         self._parsing_error: ProxyError | None = None
@@ -253,8 +252,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._url = b""
-        self._headers = []
-        self._head_size = 0
+        self._fields = HeadFields()
         self._unfinished_head = 0
         self.header_deadline = self._loop.time() + self._limits.header_timeout
         self.idle_deadline = 0.0
@@ -266,12 +264,12 @@ class ClientConnection(asyncio.Protocol):
             raise self._parsing_error
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_size += len(name) + len(value) + 4
-        self._headers.append((name, value))
-        if self._head_size > self._limits.max_header_size:
+        fields = self._fields
+        fields.add(name, value)
+        if fields.size > self._limits.max_header_size:
             self._parsing_error = HeadersTooLarge("request headers too large")
             raise self._parsing_error
-        if len(self._headers) > self._limits.max_headers:
+        if len(fields) > self._limits.max_headers:
             self._parsing_error = HeadersTooLarge("too many request headers")
             raise self._parsing_error
 
@@ -285,14 +283,20 @@ class ClientConnection(asyncio.Protocol):
             # proxy speaks HTTP/1.x and re-sends as HTTP/1.1 (RFC 9110 §15.6.6: 505).
             self._parsing_error = VersionNotSupported(f"HTTP/{version} is not supported")
             raise self._parsing_error
+        fields = self._fields
         content_length: int | None = None
         codings: list[bytes] = []
-        for name, value in self._headers:
-            lowered = name.lower()
-            if lowered == b"content-length":
-                content_length = int(value)
-            elif lowered == b"transfer-encoding":
+        hosts: list[bytes] = []
+        upgrade_to: bytes | None = None
+        for name, value in fields.aside:
+            if name == b"host":
+                hosts.append(value)
+            elif name == b"content-length":
+                content_length = int(value)  # llhttp refuses duplicates and non-digits
+            elif name == b"transfer-encoding":
                 codings += [coding.strip().lower() for coding in value.split(b",")]
+            elif name == b"upgrade":
+                upgrade_to = value
         chunked = bool(codings)  # llhttp accepts only a final `chunked` for requests
         if chunked:
             if version == "1.0":
@@ -317,16 +321,17 @@ class ClientConnection(asyncio.Protocol):
             method=method,
             target=self._url,
             version=version,
-            headers=self._headers,
+            headers=fields.end_to_end(),
             keep_alive=parser.should_keep_alive(),
             upgrade=parser.should_upgrade(),
             content_length=content_length,
             chunked=chunked,
+            hosts=tuple(hosts),
+            upgrade_to=upgrade_to,
         )
         # Trailer fields (llhttp reports them through on_header too) go to a list of their
         # own and are dropped: never merged into the head (RFC 9110 §6.5.1), yet bounded.
-        self._headers = []
-        self._head_size = 0
+        self._fields = HeadFields()
         if head.has_body:
             body: RequestBody | None = RequestBody(self)
             self._body = body

@@ -39,10 +39,8 @@ from proxy.messages import (
     RequestHead,
     ResponseHead,
     chunk,
-    end_to_end,
     forward_headers,
     frame_response,
-    header_values,
     request_head_bytes,
     response_head_bytes,
 )
@@ -59,7 +57,6 @@ REPLAY_LIMIT = 64 * 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # CONNECT opens a tunnel; TRACE is sent without a token; neither fits the fast path.
 _NOT_FAST = frozenset({"CONNECT", "TRACE"})
-UPGRADE_KEEP = frozenset({b"upgrade"})
 
 
 class _Retry(Exception):
@@ -83,6 +80,8 @@ class Forwarder:
         self._tunnels = tunnels
         self._loop = asyncio.get_event_loop()
         self._background: set[asyncio.Task[None]] = set()
+        # Per upstream, the last token and the header field made of it.
+        self._credentials: dict[str, tuple[str, tuple[bytes, bytes]]] = {}
 
     # -- entry points: one ModeHandler per port ------------------------------
 
@@ -335,17 +334,19 @@ class Forwarder:
         credential = None
         overwrite = True
         if token is not None and route is not None:
-            credential = (route.header_name, b"Bearer " + token.encode("ascii"))
+            cached = self._credentials.get(route.name)
+            if cached is None or cached[0] != token:
+                cached = (token, (route.header_name, b"Bearer " + token.encode("ascii")))
+                self._credentials[route.name] = cached
+            credential = cached[1]
             overwrite = route.config.overwrite
+        headers, injected = forward_headers(
+            head.headers, credential=credential, overwrite=overwrite
+        )
         if head.upgrade:
-            headers, injected = forward_headers(
-                head.headers, credential=credential, overwrite=overwrite, keep=UPGRADE_KEEP
-            )
+            if head.upgrade_to is not None:
+                headers.append((b"Upgrade", head.upgrade_to))
             headers.append((b"Connection", b"Upgrade"))
-        else:
-            headers, injected = forward_headers(
-                head.headers, credential=credential, overwrite=overwrite
-            )
         if head.chunked:
             framing = b"Transfer-Encoding: chunked\r\n"
         elif head.content_length is not None:
@@ -462,7 +463,9 @@ class Forwarder:
     ) -> bool:
         if body_task is not None:
             body_task.cancel()
-        headers = end_to_end(response.headers, keep=UPGRADE_KEEP)
+        headers = list(response.headers)
+        if response.upgrade_to is not None:
+            headers.append((b"Upgrade", response.upgrade_to))
         conn.write(response_head_bytes(101, response.reason, headers, b"Connection: Upgrade\r\n"))
         upstream_tail = exchange.upgrade_tail
         transport = upconn.detach()
@@ -555,14 +558,11 @@ class ModeHandler:
 
 def _write_interim(conn: ClientConnection, interim: ResponseHead) -> None:
     """Relay a 1xx response (100 Continue, 103 Early Hints) to an HTTP/1.1 client."""
-    conn.write(
-        response_head_bytes(interim.status, interim.reason, end_to_end(interim.headers), b"")
-    )
+    conn.write(response_head_bytes(interim.status, interim.reason, interim.headers, b""))
 
 
 def _host_of(head: RequestHead) -> str:
-    values = header_values(head.headers, b"host")
-    return values[0].decode("latin-1") if values else "-"
+    return head.hosts[0].decode("latin-1") if head.hosts else "-"
 
 
 class _KeptBody:

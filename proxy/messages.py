@@ -1,8 +1,10 @@
-"""HTTP/1.1 message heads: header filtering, token injection and serialisation.
+"""HTTP/1.1 message heads: sorting fields as they arrive, token injection, serialisation.
 
-Headers are kept as lists of raw ``(name, value)`` byte pairs in the order and case
-they arrived, so that what the proxy forwards is what the client sent, minus what
-RFC 9110 §7.6.1 says a proxy must not forward.
+Fields are kept as lists of raw ``(name, value)`` byte pairs in the order and case they
+arrived, so that what the proxy forwards is what the client sent, minus what RFC 9110
+§7.6.1 says a proxy must not forward. `HeadFields` sorts them while the parser reports
+them: the hop-by-hop and framing fields the proxy reads (and never forwards as they
+are) go aside, every other field is kept without being looked at twice.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ HOP_BY_HOP = frozenset(
 
 # Written by the proxy itself from what it knows about the message it sends.
 FRAMING = frozenset({b"content-length", b"host"})
-_DROPPED = HOP_BY_HOP | FRAMING
+_SET_ASIDE = HOP_BY_HOP | FRAMING
+# Only names of these lengths can be set aside: others are kept without lower().
+_SET_ASIDE_LENGTHS = frozenset(len(name) for name in _SET_ASIDE)
+# Connection values that name no other field, as nearly every message has them.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
 
 _STATUS_REASONS = {
     100: b"Continue",
@@ -55,11 +61,13 @@ class RequestHead:
     method: str
     target: bytes
     version: str
-    headers: Headers
+    headers: Headers  # end-to-end fields only (see HeadFields)
     keep_alive: bool
     upgrade: bool = False
     content_length: int | None = None
     chunked: bool = False
+    hosts: tuple[bytes, ...] = ()  # the Host field values
+    upgrade_to: bytes | None = None  # the Upgrade field value
 
     @property
     def has_body(self) -> bool:
@@ -73,67 +81,76 @@ class ResponseHead:
     status: int
     reason: bytes
     version: str
-    headers: Headers
+    headers: Headers  # end-to-end fields only (see HeadFields)
     keep_alive: bool
     content_length: int | None = None
     chunked: bool = False
+    upgrade_to: bytes | None = None
 
 
-def connection_tokens(headers: Headers) -> frozenset[bytes]:
-    """Lower-cased field names listed in Connection headers (RFC 9110 §7.6.1)."""
-    names: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            names.update(part.strip().lower() for part in value.split(b",") if part.strip())
-    return frozenset(names)
+class HeadFields:
+    """The fields of one head as the parser reports them, sorted on arrival.
 
-
-def end_to_end(headers: Headers, *, keep: frozenset[bytes] = frozenset()) -> Headers:
-    """`headers` without hop-by-hop fields, fields named in Connection, and framing fields.
-
-    Names in `keep` survive (used for Upgrade on a WebSocket handshake).
+    Hop-by-hop and framing fields (RFC 9110 §7.6.1, Host, Content-Length) are set aside
+    with lower-cased names for the proxy to read; all others are kept in order, and only
+    those whose length matches a set-aside name are lower-cased to tell.
     """
-    dropped = _DROPPED
-    for name, _ in headers:
-        if name.lower() == b"connection":
-            dropped = HOP_BY_HOP | FRAMING | connection_tokens(headers)
-            break
-    if keep:
-        dropped = dropped - keep
-    return [(name, value) for name, value in headers if name.lower() not in dropped]
+
+    __slots__ = ("aside", "kept", "size")
+
+    def __init__(self) -> None:
+        self.kept: Headers = []
+        self.aside: Headers = []
+        self.size = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.size += len(name) + len(value) + 4
+        if len(name) in _SET_ASIDE_LENGTHS:
+            lowered = name.lower()
+            if lowered in _SET_ASIDE:
+                self.aside.append((lowered, value))
+                return
+        self.kept.append((name, value))
+
+    def __len__(self) -> int:
+        return len(self.kept) + len(self.aside)
+
+    def values(self, lowered_name: bytes) -> list[bytes]:
+        return [value for name, value in self.aside if name == lowered_name]
+
+    def end_to_end(self) -> Headers:
+        """The kept fields, minus any that a Connection field names (RFC 9110 §7.6.1)."""
+        listed: set[bytes] | None = None
+        for name, value in self.aside:
+            if name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+                if listed is None:
+                    listed = set()
+                listed.update(part.strip().lower() for part in value.split(b","))
+        if listed:
+            listed -= _SET_ASIDE
+            listed.discard(b"")
+        if listed:
+            return [(name, value) for name, value in self.kept if name.lower() not in listed]
+        return self.kept
 
 
 def forward_headers(
-    headers: Headers,
-    *,
-    credential: tuple[bytes, bytes] | None,
-    overwrite: bool,
-    keep: frozenset[bytes] = frozenset(),
+    headers: Headers, *, credential: tuple[bytes, bytes] | None, overwrite: bool
 ) -> tuple[Headers, bool]:
-    """The request fields to send upstream, with `credential` (name, value) set once.
+    """End-to-end request fields to send upstream, with `credential` (name, value) set once.
 
-    Hop-by-hop, Connection-named and framing fields are dropped (`keep` excepted). With
-    `overwrite`, fields of the credential's name the client sent are dropped too (never
+    With `overwrite`, fields of the credential's name the client sent are dropped (never
     duplicated or comma-joined); without it, a client's own field wins and nothing is
-    added. Returns the fields and whether the credential is among them.
+    added. Returns a new list, and whether the credential is in it.
     """
-    dropped = _DROPPED
-    for name, _ in headers:
-        if name.lower() == b"connection":
-            dropped = HOP_BY_HOP | FRAMING | connection_tokens(headers)
-            break
-    if keep:
-        dropped = dropped - keep
     if credential is None:
-        return [(n, v) for n, v in headers if n.lower() not in dropped], False
+        return list(headers), False
     credential_name = credential[0].lower()
+    length = len(credential_name)
     kept: Headers = []
     clients_own = False
     for name, value in headers:
-        lowered = name.lower()
-        if lowered in dropped:
-            continue
-        if lowered == credential_name:
+        if len(name) == length and name.lower() == credential_name:
             clients_own = True
             if overwrite:
                 continue
@@ -142,11 +159,6 @@ def forward_headers(
         return kept, False
     kept.append(credential)
     return kept, True
-
-
-def header_values(headers: Headers, name: bytes) -> list[bytes]:
-    lowered = name.lower()
-    return [value for key, value in headers if key.lower() == lowered]
 
 
 def request_head_bytes(
@@ -200,9 +212,7 @@ def frame_response(
         framing += b"Connection: close\r\n"
     elif request.version == "1.0":
         framing += b"Connection: keep-alive\r\n"
-    head = response_head_bytes(
-        response.status, response.reason, end_to_end(response.headers), framing
-    )
+    head = response_head_bytes(response.status, response.reason, response.headers, framing)
     return head, not no_body, rechunk, keep_alive
 
 

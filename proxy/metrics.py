@@ -13,8 +13,12 @@ A `Metrics` owns its `CollectorRegistry`, so tests build a fresh one each.
 from __future__ import annotations
 
 import contextlib
+from bisect import bisect_left
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from proxy import __version__
 from proxy.errors import TOKEN_FETCH_FAILURE_REASONS
@@ -82,19 +86,9 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
-        self.requests = Counter(
-            "token_proxy_requests_total",
-            "Requests handled, by upstream (or 'unmatched') and response status code.",
-            ["upstream", "code"],
-            registry=r,
-        )
-        self.request_duration = Histogram(
-            "token_proxy_request_duration_seconds",
-            "Time from a request's head arriving to its response head being sent.",
-            ["upstream"],
-            buckets=REQUEST_BUCKETS,
-            registry=r,
-        )
+        # Counted per request on the hot path: plain integers, exported at scrape time.
+        self.request_stats = RequestStats()
+        r.register(self.request_stats)
         self.upstream_unauthorized_retries = Counter(
             "token_proxy_upstream_unauthorized_retries_total",
             "Requests retried with a new token after the upstream answered 401.",
@@ -126,25 +120,15 @@ class Metrics:
         )
         for outcome in ("success", "failure"):
             self.config_reloads.labels(outcome=outcome)
-        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self.register_upstream(UNMATCHED, token=False)
 
     def observe_request(self, upstream: str, status: int, seconds: float) -> None:
-        """Count one answered request; children are cached because this runs per request."""
-        key = (upstream, status)
-        children = self._request_children.get(key)
-        if children is None:
-            children = (
-                self.requests.labels(upstream=upstream, code=str(status)),
-                self.request_duration.labels(upstream=upstream),
-            )
-            self._request_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        """Count one answered request (token_proxy_requests_total and its duration)."""
+        self.request_stats.observe(upstream, status, seconds)
 
     def register_upstream(self, name: str, *, token: bool = True) -> None:
         """Create the series of `name` so they exist (at 0) before anything happens."""
-        self.request_duration.labels(upstream=name)
+        self.request_stats.register(name)
         if not token:
             return
         for outcome in ("success", "failure"):
@@ -159,17 +143,13 @@ class Metrics:
 
     def forget_upstream(self, name: str) -> None:
         """Drop the series of an upstream removed by a config reload."""
-        for key in [key for key in self._request_children if key[0] == name]:
-            del self._request_children[key]
-            with contextlib.suppress(KeyError):
-                self.requests.remove(name, str(key[1]))
+        self.request_stats.forget(name)
         for family in (
             self.token_fetch_duration,
             self.token_expiry_timestamp,
             self.token_expires_in,
             self.upstream_unauthorized_retries,
             self.token_unavailable,
-            self.request_duration,
         ):
             with contextlib.suppress(KeyError):
                 family.remove(name)
@@ -179,3 +159,67 @@ class Metrics:
         for reason in TOKEN_FETCH_FAILURE_REASONS:
             with contextlib.suppress(KeyError):
                 self.token_fetch_failures.remove(name, reason)
+
+
+class RequestStats(Collector):
+    """token_proxy_requests_total and token_proxy_request_duration_seconds.
+
+    These two are updated for every proxied request, where prometheus-client's own
+    Counter and Histogram take a lock per update and walk the buckets in Python. Here
+    an update is a few dictionary and list operations on the event loop's thread; the
+    scrape (on the same loop) turns them into prometheus-client metric families.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, int], int] = {}
+        # Per upstream: bucket counts (the last one is +Inf) and the sum of durations.
+        self._buckets: dict[str, list[int]] = {}
+        self._sums: dict[str, float] = {}
+
+    def register(self, upstream: str) -> None:
+        self._buckets.setdefault(upstream, [0] * (len(REQUEST_BUCKETS) + 1))
+        self._sums.setdefault(upstream, 0.0)
+
+    def forget(self, upstream: str) -> None:
+        self._buckets.pop(upstream, None)
+        self._sums.pop(upstream, None)
+        for key in [key for key in self._counts if key[0] == upstream]:
+            del self._counts[key]
+
+    def observe(self, upstream: str, status: int, seconds: float) -> None:
+        key = (upstream, status)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        buckets = self._buckets.get(upstream)
+        if buckets is None:
+            self.register(upstream)
+            buckets = self._buckets[upstream]
+        buckets[bisect_left(REQUEST_BUCKETS, seconds)] += 1
+        self._sums[upstream] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "token_proxy_requests",
+            "Requests handled, by upstream (or 'unmatched') and response status code.",
+            labels=["upstream", "code"],
+        )
+        for (upstream, status), count in sorted(self._counts.items()):
+            requests.add_metric([upstream, str(status)], count)
+        yield requests
+        duration = HistogramMetricFamily(
+            "token_proxy_request_duration_seconds",
+            "Time from a request's head arriving to its response head being sent.",
+            labels=["upstream"],
+        )
+        bounds = [*(str(float(b)) for b in REQUEST_BUCKETS), "+Inf"]
+        for upstream, buckets in sorted(self._buckets.items()):
+            cumulative, total = [], 0
+            for bound, count in zip(bounds, buckets, strict=True):
+                total += count
+                cumulative.append((bound, total))
+            duration.add_metric([upstream], cumulative, sum_value=self._sums[upstream])
+        yield duration
+
+    def describe(self) -> Iterator[Metric]:
+        # No samples here: registering must not read the counts (they start empty).
+        yield CounterMetricFamily("token_proxy_requests", "", labels=["upstream", "code"])
+        yield HistogramMetricFamily("token_proxy_request_duration_seconds", "", labels=["upstream"])

@@ -15,7 +15,7 @@ import ssl
 from collections.abc import Callable
 
 from proxy.errors import BadRequest, HostNotAllowed, ProxyError
-from proxy.messages import RequestHead, header_values
+from proxy.messages import RequestHead
 from proxy.metrics import UNMATCHED
 from proxy.routing import Target, parse_absolute_target, split_authority
 from proxy.runtime import Route, RuntimeHolder
@@ -88,7 +88,7 @@ class Planners:
             path = target.path
         else:
             path = head.target
-            (authority,) = header_values(head.headers, b"host") or [b""]
+            (authority,) = head.hosts or (b"",)
             try:
                 named = split_authority(authority.decode("ascii"), 443)
             except UnicodeDecodeError:
@@ -135,7 +135,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def check_host_fields(head: RequestHead) -> None:
-    hosts = header_values(head.headers, b"host")
+    hosts = head.hosts
     if len(hosts) > 1:
         raise BadRequest("more than one Host header")  # RFC 9112 §3.2
     if not hosts and head.version == "1.1":

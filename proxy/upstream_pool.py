@@ -25,7 +25,7 @@ from typing import NamedTuple, cast
 import httptools
 
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
-from proxy.messages import Headers, ResponseHead
+from proxy.messages import HeadFields, ResponseHead
 
 log = logging.getLogger("token_proxy.upstream")
 
@@ -160,11 +160,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.exchanges = 0
         self._status_reason = b""
-        self._headers: Headers = []
+        self._fields = HeadFields()
         self._in_head = False
         self._awaiting_head = False
         self._keep_alive = False
-        self._head_size = 0
         self._unfinished_head = 0
         self._interim = False
         self._close_delimited = False
@@ -252,19 +251,18 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort_after_exchange = True
             raise UpstreamUnreachable("upstream sent a response nobody asked for")
         self._status_reason = b""
-        self._headers = []
+        self._fields = HeadFields()
         self._in_head = True
-        self._head_size = 0
         self._unfinished_head = 0
 
     def on_status(self, reason: bytes) -> None:
         self._status_reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > MAX_RESPONSE_HEAD:
+        fields = self._fields
+        fields.add(name, value)
+        if fields.size > MAX_RESPONSE_HEAD:
             raise UpstreamUnreachable("response head from upstream is too large")
-        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         exchange = self.exchange
@@ -275,26 +273,30 @@ class UpstreamConnection(asyncio.Protocol):
         if not 100 <= status <= 599:
             # llhttp takes any three digits; RFC 9110 §15: outside 100..599 is invalid.
             raise UpstreamUnreachable(f"invalid status code {status} from upstream")
+        fields = self._fields
         content_length: int | None = None
         chunked = False
-        for name, value in self._headers:
-            lowered = name.lower()
-            if lowered == b"content-length":
+        upgrade_to: bytes | None = None
+        for name, value in fields.aside:
+            if name == b"content-length":
                 content_length = int(value)
-            elif lowered == b"transfer-encoding":
+            elif name == b"transfer-encoding":
                 chunked = value.strip().lower().endswith(b"chunked")
+            elif name == b"upgrade":
+                upgrade_to = value
         head = ResponseHead(
             status=status,
             reason=self._status_reason,
             version=parser.get_http_version(),
-            headers=self._headers,
+            headers=fields.end_to_end(),
             keep_alive=parser.should_keep_alive(),
             content_length=None if chunked else content_length,
             chunked=chunked,
+            upgrade_to=upgrade_to,
         )
         # Trailer fields arrive through on_header too: never merged into the head
         # already relayed (RFC 9110 §6.5.1).
-        self._headers = []
+        self._fields = HeadFields()
         if 100 <= status < 200 and status != 101:
             self._interim = True
             exchange.on_interim(head)

@@ -1,6 +1,6 @@
 """One upstream's token lifecycle: cache, single flight, proactive refresh, backoff.
 
-Policy (the "token lifecycle" issue):
+Policy:
 
 * A background task fetches the first token at `start()` and renews it ahead of
   expiry: at ``expiry - margin - jitter`` where the margin is ``refresh_before_expiry``
