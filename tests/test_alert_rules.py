@@ -74,18 +74,21 @@ _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\
 def exported_series() -> dict[str, frozenset[str]]:
     """Every series name a live `Metrics()` exports -> the label names it carries."""
     metrics = Metrics()
-    series: dict[str, frozenset[str]] = {}
+    metrics.register_upstream("inventory")
+    metrics.observe_request("inventory", 200, 0.01)  # so that its samples show their labels
+    declared: dict[str, frozenset[str]] = {}
     for wrapper in vars(metrics).values():
-        if not isinstance(wrapper, MetricWrapperBase):
-            continue
-        # Declared label names; an Info's keys appear only on its one sample.
-        label_names = frozenset(wrapper._labelnames)
-        for family in wrapper.collect():
-            for sample in family.samples:
-                label_names |= set(sample.labels) - {"le"}
-            for suffix in _SERIES_SUFFIXES[family.type]:
-                extra = {"le"} if suffix == "_bucket" else set()
-                series[family.name + suffix] = label_names | extra
+        if isinstance(wrapper, MetricWrapperBase):
+            # Declared label names, for families that have no sample yet.
+            declared[wrapper._name] = frozenset(wrapper._labelnames)
+    series: dict[str, frozenset[str]] = {}
+    for family in metrics.registry.collect():
+        label_names = set(declared.get(family.name, frozenset()))
+        for sample in family.samples:
+            label_names |= set(sample.labels) - {"le"}
+        for suffix in _SERIES_SUFFIXES[family.type]:
+            extra = {"le"} if suffix == "_bucket" else set()
+            series[family.name + suffix] = frozenset(label_names | extra)
     return series
 
 
