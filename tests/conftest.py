@@ -125,5 +125,24 @@ async def inventory_proxy(
     return await start_proxy(config)
 
 
+async def start_inventory(
+    start_proxy: StartProxy,
+    token_server: TokenServer,
+    upstream: Upstream,
+    *,
+    proxy: dict[str, Any] | None = None,
+    **upstream_changes: Any,
+) -> ProxyApp:
+    """A proxy with one upstream, `inventory`: inventory.internal, sent to `upstream`."""
+    upstream_changes.setdefault("url", upstream.url)  # url=None: no url
+    token = upstream_changes.pop("token", None) or token_config(token_server)
+    return await start_proxy(
+        proxy_config(
+            upstream_config("inventory", ["inventory.internal"], token, **upstream_changes),
+            **(proxy or {}),
+        )
+    )
+
+
 def proxy_url(app: ProxyApp) -> str:
     return f"http://127.0.0.1:{app.port}"

@@ -16,7 +16,14 @@ from yarl import URL
 
 from proxy.app import ProxyApp
 from proxy.config import Address, LimitsConfig
-from tests.conftest import StartProxy, proxy_config, proxy_url, token_config, upstream_config
+from tests.conftest import (
+    StartProxy,
+    proxy_config,
+    proxy_url,
+    start_inventory,
+    token_config,
+    upstream_config,
+)
 from tests.support.token_server import TokenServer
 from tests.support.upstream import Upstream
 from tests.support.waiting import eventually
@@ -99,13 +106,8 @@ async def test_unmatched_host_passes_through_without_token(
 async def test_unknown_hosts_deny_answers_403(
     start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
 ) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config(
-                "inventory", ["inventory.internal"], token_config(token_server), url=upstream.url
-            ),
-            unknown_hosts="deny",
-        )
+    app = await start_inventory(
+        start_proxy, token_server, upstream, proxy={"unknown_hosts": "deny"}
     )
     status, headers, body = await get(app, f"{upstream.url}/x")
     assert status == 403
@@ -145,17 +147,7 @@ async def test_overwrite_replaces_the_applications_authorization_once(
 async def test_overwrite_false_keeps_the_applications_authorization(
     start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
 ) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config(
-                "inventory",
-                ["inventory.internal"],
-                token_config(token_server),
-                url=upstream.url,
-                overwrite=False,
-            )
-        )
-    )
+    app = await start_inventory(start_proxy, token_server, upstream, overwrite=False)
     await get(app, "http://inventory.internal/a", headers={"Authorization": "Basic abc"})
     assert upstream.last().all("Authorization") == ["Basic abc"]
     await get(app, "http://inventory.internal/b")
@@ -165,17 +157,7 @@ async def test_overwrite_false_keeps_the_applications_authorization(
 async def test_custom_header_name(
     start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
 ) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config(
-                "inventory",
-                ["inventory.internal"],
-                token_config(token_server),
-                url=upstream.url,
-                header="X-Api-Token",
-            )
-        )
-    )
+    app = await start_inventory(start_proxy, token_server, upstream, header="X-Api-Token")
     await get(app, "http://inventory.internal/a")
     seen = upstream.last()
     assert seen.all("X-Api-Token") == [f"Bearer {token_server.issued[-1]}"]
@@ -253,17 +235,10 @@ async def test_keep_alive_connections_to_the_upstream_are_reused(
     assert len(peers) == 1
 
 
-async def test_upstream_down_is_502(start_proxy: StartProxy, token_server: TokenServer) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config(
-                "inventory",
-                ["inventory.internal"],
-                token_config(token_server),
-                url="http://127.0.0.1:9",
-            )
-        )
-    )
+async def test_upstream_down_is_502(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    app = await start_inventory(start_proxy, token_server, upstream, url="http://127.0.0.1:9")
     status, _, body = await get(app, "http://inventory.internal/x")
     assert status == 502
     assert json.loads(body) == {
@@ -276,17 +251,7 @@ async def test_upstream_down_is_502(start_proxy: StartProxy, token_server: Token
 async def test_upstream_silence_is_504(
     start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
 ) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config(
-                "inventory",
-                ["inventory.internal"],
-                token_config(token_server),
-                url=upstream.url,
-                timeout=0.5,
-            )
-        )
-    )
+    app = await start_inventory(start_proxy, token_server, upstream, timeout=0.5)
     status, _, body = await get(app, "http://inventory.internal/slow/1")
     upstream.release.set()
     assert status == 504
@@ -297,13 +262,7 @@ async def test_token_unavailable_is_503_with_retry_after(
     start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
 ) -> None:
     token_server.set_failing("500")
-    app = await start_proxy(
-        proxy_config(
-            upstream_config(
-                "inventory", ["inventory.internal"], token_config(token_server), url=upstream.url
-            )
-        )
-    )
+    app = await start_inventory(start_proxy, token_server, upstream)
     status, headers, body = await get(app, "http://inventory.internal/x")
     assert status == 503
     assert int(headers["Retry-After"]) >= 1
@@ -353,17 +312,7 @@ async def test_websocket_upgrade_carries_the_token(
 async def test_reverse_proxy_port(
     start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
 ) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config(
-                "inventory",
-                ["inventory.internal"],
-                token_config(token_server),
-                url=upstream.url,
-                listen=Address("127.0.0.1", 0),
-            )
-        )
-    )
+    app = await start_inventory(start_proxy, token_server, upstream, listen=Address("127.0.0.1", 0))
     port = app.reverse_listeners["inventory"].port
     async with (
         aiohttp.ClientSession() as session,
@@ -405,11 +354,7 @@ async def test_metrics_count_requests(inventory_proxy: ProxyApp, upstream: Upstr
 async def test_no_cleartext_token_to_a_non_loopback_host_without_opt_in(
     start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
 ) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config("inventory", ["inventory.internal"], token_config(token_server))
-        )
-    )
+    app = await start_inventory(start_proxy, token_server, upstream, url=None)
     status, _, body = await get(app, "http://inventory.internal/x")
     assert status == 403
     answer = json.loads(body)
@@ -421,13 +366,8 @@ async def test_no_cleartext_token_to_a_non_loopback_host_without_opt_in(
 async def test_a_client_that_stops_reading_is_cut_off(
     start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
 ) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config(
-                "inventory", ["inventory.internal"], token_config(token_server), url=upstream.url
-            ),
-            limits=LimitsConfig(idle_timeout=1.0),
-        )
+    app = await start_inventory(
+        start_proxy, token_server, upstream, proxy={"limits": LimitsConfig(idle_timeout=1.0)}
     )
     reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
     writer.transport.set_write_buffer_limits(0)  # type: ignore[attr-defined]
@@ -452,13 +392,8 @@ async def test_a_client_that_stops_reading_is_cut_off(
 async def test_an_unfinished_head_gets_408_at_the_header_timeout(
     start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
 ) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config(
-                "inventory", ["inventory.internal"], token_config(token_server), url=upstream.url
-            ),
-            limits=LimitsConfig(header_timeout=0.5),
-        )
+    app = await start_inventory(
+        start_proxy, token_server, upstream, proxy={"limits": LimitsConfig(header_timeout=0.5)}
     )
     reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
     writer.write(b"GET http://inventory.internal/x HTTP/1.1\r\nHost: inventory.internal\r\n")
@@ -473,17 +408,7 @@ async def test_an_unfinished_head_gets_408_at_the_header_timeout(
 async def test_a_client_that_closes_mid_body_frees_the_upstream_at_once(
     start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
 ) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config(
-                "inventory",
-                ["inventory.internal"],
-                token_config(token_server),
-                url=upstream.url,
-                timeout=30.0,
-            )
-        )
-    )
+    app = await start_inventory(start_proxy, token_server, upstream, timeout=30.0)
     reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
     writer.write(
         b"POST http://inventory.internal/upload HTTP/1.1\r\nHost: inventory.internal\r\n"
