@@ -339,7 +339,12 @@ class ClientConnection(asyncio.Protocol):
             body = self._body = None
             if not self.busy and not self._queue:
                 self.busy = True
-                if self._handler.fast(self, head):
+                try:
+                    taken = self._handler.fast(self, head)
+                except Exception:
+                    log.exception("unexpected error on the fast path; answering on the general one")
+                    taken = False
+                if taken:
                     return
                 self.busy = False
         self._enqueue((head, body))
