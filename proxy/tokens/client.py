@@ -308,7 +308,7 @@ def token_lifetime(
     extra = {"event": "token_response_warning", "upstream": upstream}
     declared = _seconds(expires_in)
     if expires_in is not None and declared is None:
-        log.warning("the authorization server sent an unreadable expires_in; ignoring it", extra=extra)
+        log.warning("unreadable expires_in from the authorization server; ignoring it", extra=extra)
     jwt_left = _jwt_seconds_left(access_token, time.time() if now is None else now)
     if declared is not None and declared > 0:
         lifetime, source = declared, "expires_in"
