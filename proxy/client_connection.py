@@ -18,7 +18,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
@@ -33,6 +33,7 @@ from proxy.errors import (
     VersionNotSupported,
     error_response,
 )
+from proxy.flow_control import FlowControlledProtocol
 from proxy.messages import HeadFields, RequestHead
 
 if TYPE_CHECKING:
@@ -126,15 +127,15 @@ class RequestHandler(Protocol):
     def fast(self, conn: ClientConnection, head: RequestHead) -> bool: ...
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(FlowControlledProtocol):
     """A client's connection to one of the proxy's ports."""
 
     def __init__(self, listener: Listener, handler: RequestHandler, limits: LimitsConfig) -> None:
+        super().__init__()
         self.listener = listener
         self._handler = handler
         self._limits = limits
         self._loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
         self.peer: str = "-"
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[tuple[RequestHead, RequestBody | None] | ProxyError] = deque()
@@ -148,10 +149,7 @@ class ClientConnection(asyncio.Protocol):
         self._parsing_error: ProxyError | None = None
         self._raw_sink: RawSink | None = None
         self._taken_over_tail = b""
-        self._reading_paused = False
         self._parse_stopped = False
-        self.write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
         self.on_resume_writing: Callable[[], None] | None = None
         # Deadlines (loop time) read by the listener's sweeper; 0 means none.
         self.header_deadline = 0.0
@@ -159,13 +157,11 @@ class ClientConnection(asyncio.Protocol):
         # When the client stopped reading what we send (0: it has not).
         self.write_paused_at = 0.0
         self.busy = False
-        self.closed = False
 
     # -- asyncio.Protocol -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement the interface without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
+        super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = f"{peer[0]}:{peer[1]}"
@@ -212,7 +208,7 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        super().connection_lost(exc)
         self.listener.connection_closed(self)
         if self._raw_sink is not None:
             self._raw_sink.client_lost()
@@ -226,8 +222,6 @@ class ClientConnection(asyncio.Protocol):
             if isinstance(item, tuple) and item[1] is not None:
                 item[1].fail(ConnectionResetError("client connection lost"))
         self._queue.clear()
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_exception(ConnectionResetError("client connection lost"))
         self._wake_worker()
         # Whoever waits to write to us must find out now that nobody reads any more.
         self.write_paused = False
@@ -236,15 +230,12 @@ class ClientConnection(asyncio.Protocol):
             self.on_resume_writing()
 
     def pause_writing(self) -> None:
-        self.write_paused = True
+        super().pause_writing()
         self.write_paused_at = self._loop.time()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
+        super().resume_writing()
         self.write_paused_at = 0.0
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
         if self.on_resume_writing is not None:
             self.on_resume_writing()
 
@@ -447,26 +438,8 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
-    async def drain(self) -> None:
-        if self.write_paused and not self.closed:
-            self._drain_waiter = self._loop.create_future()
-            try:
-                await self._drain_waiter
-            finally:
-                self._drain_waiter = None
-
     def send_error(self, error: ProxyError, *, keep_alive: bool) -> None:
         self.write(error_response(error, keep_alive=keep_alive))
-
-    def pause_reading(self) -> None:
-        if not self._reading_paused and self.transport is not None and not self.closed:
-            self._reading_paused = True
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self._reading_paused and self.transport is not None and not self.closed:
-            self._reading_paused = False
-            self.transport.resume_reading()
 
     def take_over(self, sink: RawSink) -> bytes:
         """Stop parsing; future bytes go to `sink`. Returns bytes already received past the head."""

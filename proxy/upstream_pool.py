@@ -20,11 +20,12 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import NamedTuple, cast
+from typing import NamedTuple
 
 import httptools
 
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
+from proxy.flow_control import FlowControlledProtocol
 from proxy.messages import HeadFields, ResponseHead
 
 log = logging.getLogger("token_proxy.upstream")
@@ -146,18 +147,17 @@ class AwaitedExchange(Exchange):
             self.done.set_exception(error)
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(FlowControlledProtocol):
     """One connection to an upstream origin; carries one exchange at a time."""
 
     def __init__(self, pool: UpstreamPool, origin: Origin, timeout: float) -> None:
+        super().__init__()
         self._pool = pool
         self.origin = origin
         self.timeout = timeout
         self._loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self.exchange: Exchange | None = None
-        self.closed = False
         self.exchanges = 0
         self._status_reason = b""
         self._fields = HeadFields()
@@ -167,19 +167,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._unfinished_head = 0
         self._interim = False
         self._close_delimited = False
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-        self.reading_paused = False
         self.last_activity = 0.0
         self.idle_since = 0.0
         self._upgraded = False
         self.abort_after_exchange = False
 
     # -- asyncio.Protocol --------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement the interface without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
@@ -221,10 +214,8 @@ class UpstreamConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        super().connection_lost(exc)
         self._pool.forget(self)
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_exception(ConnectionResetError("upstream connection lost"))
         exchange = self.exchange
         if exchange is None or exchange.complete or exchange.failed:
             return
@@ -232,14 +223,6 @@ class UpstreamConnection(asyncio.Protocol):
             exchange.finish()  # RFC 9112 §6.3: the body ends when the connection closes
         else:
             exchange.fail(UpstreamUnreachable("upstream closed the connection"))
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
 
     # -- httptools callbacks -------------------------------------------------
 
@@ -341,26 +324,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.last_activity = self._loop.time()
         self.transport.write(data)
 
-    async def drain(self) -> None:
-        if self._write_paused and not self.closed:
-            self._drain_waiter = self._loop.create_future()
-            try:
-                await self._drain_waiter
-            finally:
-                self._drain_waiter = None
-        if self.closed:
-            raise ConnectionResetError("upstream connection lost")
-
-    def pause_reading(self) -> None:
-        if not self.reading_paused and self.transport is not None and not self.closed:
-            self.reading_paused = True
-            self.transport.pause_reading()
-
     def resume_reading(self) -> None:
-        if self.reading_paused and self.transport is not None and not self.closed:
-            self.reading_paused = False
+        if self.reading_paused:
             self.last_activity = self._loop.time()
-            self.transport.resume_reading()
+        super().resume_reading()
 
     def check_silence(self, now: float) -> None:
         """Fail the exchange if the upstream has been silent for longer than `timeout`."""
