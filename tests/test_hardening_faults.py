@@ -30,6 +30,7 @@ from tests.conftest import (
     StartProxy,
     proxy_config,
     proxy_url,
+    start_inventory,
     token_config,
     upstream_config,
 )
@@ -223,17 +224,8 @@ async def _status_is(app: ProxyApp, url: str, status: int) -> bool:
 async def test_upstream_restarts_under_load(
     start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
 ) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config(
-                "inventory",
-                ["inventory.internal"],
-                token_config(token_server),
-                url=upstream.url,
-                connect_timeout=1.0,
-                timeout=2.0,
-            )
-        )
+    app = await start_inventory(
+        start_proxy, token_server, upstream, connect_timeout=1.0, timeout=2.0
     )
     port = upstream.port
     load = Load(proxy_url(app), lambda index: f"http://inventory.internal/r/{index}", 300)

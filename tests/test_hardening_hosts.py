@@ -25,6 +25,7 @@ from tests.conftest import (
     StartProxy,
     proxy_config,
     proxy_url,
+    start_inventory,
     token_config,
     upstream_config,
 )
@@ -401,17 +402,7 @@ async def test_without_overwrite_the_apps_authorization_is_kept_as_sent(
     sent: list[tuple[str, str]],
     expected: list[str] | None,
 ) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config(
-                "inventory",
-                ["inventory.internal"],
-                token_config(token_server),
-                url=upstream.url,
-                overwrite=False,
-            )
-        )
-    )
+    app = await start_inventory(start_proxy, token_server, upstream, overwrite=False)
     response = await ask(app.port, request("http://inventory.internal/x", headers=sent))
     assert response.status == 200
     want = expected if expected is not None else [bearer(token_server)]
@@ -421,17 +412,7 @@ async def test_without_overwrite_the_apps_authorization_is_kept_as_sent(
 async def test_custom_header_is_replaced_and_authorization_left_alone(
     start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
 ) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config(
-                "inventory",
-                ["inventory.internal"],
-                token_config(token_server),
-                url=upstream.url,
-                header="X-Api-Token",
-            )
-        )
-    )
+    app = await start_inventory(start_proxy, token_server, upstream, header="X-Api-Token")
     headers = [
         ("x-api-token", "mine"),
         ("X-API-TOKEN", "mine too"),
@@ -481,17 +462,7 @@ async def test_trailers_cannot_set_host_authorization_or_any_header(
     trailers: list[tuple[str, str]],
     overwrite: bool,
 ) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config(
-                "inventory",
-                ["inventory.internal"],
-                token_config(token_server),
-                url=upstream.url,
-                overwrite=overwrite,
-            )
-        )
-    )
+    app = await start_inventory(start_proxy, token_server, upstream, overwrite=overwrite)
     response = await ask(app.port, chunked_put("http://inventory.internal/x", trailers))
     assert response.status == 200
     seen = upstream.last()
@@ -676,17 +647,7 @@ async def test_reverse_port_sends_only_to_its_own_url(
     upstream: Upstream,
     other: Upstream,
 ) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config(
-                "inventory",
-                ["inventory.internal"],
-                token_config(token_server),
-                url=upstream.url,
-                listen=Address("127.0.0.1", 0),
-            )
-        )
-    )
+    app = await start_inventory(start_proxy, token_server, upstream, listen=Address("127.0.0.1", 0))
     port = app.reverse_listeners["inventory"].port
     elsewhere = f"127.0.0.1:{other.port}"
     for head in [

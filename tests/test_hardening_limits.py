@@ -18,7 +18,7 @@ import pytest
 
 from proxy.app import ProxyApp
 from proxy.config import LimitsConfig
-from tests.conftest import StartProxy, proxy_config, token_config, upstream_config
+from tests.conftest import StartProxy, proxy_config, start_inventory, token_config, upstream_config
 from tests.support.rawhttp import (
     Behaviour,
     EvilConnection,
@@ -116,19 +116,12 @@ async def limited(
     async def start(
         limits: LimitsConfig = LIMITS, **upstream_changes: Any
     ) -> tuple[ProxyApp, Baseline]:
-        app = await start_proxy(
-            proxy_config(
-                upstream_config(
-                    "inventory",
-                    ["inventory.internal"],
-                    token_config(token_server),
-                    url=upstream.url,
-                    **upstream_changes,
-                ),
-                unknown_hosts="deny",
-                limits=limits,
-                shutdown_grace_period=0.5,
-            )
+        app = await start_inventory(
+            start_proxy,
+            token_server,
+            upstream,
+            proxy={"unknown_hosts": "deny", "limits": limits, "shutdown_grace_period": 0.5},
+            **upstream_changes,
         )
         baseline = Baseline(app)
         await baseline.take()

@@ -14,7 +14,14 @@ import aiohttp
 import pytest
 
 from proxy.app import ProxyApp
-from tests.conftest import StartProxy, proxy_config, proxy_url, token_config, upstream_config
+from tests.conftest import (
+    StartProxy,
+    proxy_config,
+    proxy_url,
+    start_inventory,
+    token_config,
+    upstream_config,
+)
 from tests.support.token_server import TokenServer
 from tests.support.upstream import Upstream
 
@@ -121,17 +128,7 @@ async def test_concurrent_401s_discard_the_token_once(
 async def test_applications_own_credential_refused_does_not_drop_our_token(
     start_proxy: StartProxy, upstream: Upstream, token_server: TokenServer
 ) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config(
-                "inventory",
-                ["inventory.internal"],
-                token_config(token_server),
-                url=upstream.url,
-                overwrite=False,
-            )
-        )
-    )
+    app = await start_inventory(start_proxy, token_server, upstream, overwrite=False)
     upstream.validate = lambda authorization: authorization != "Bearer app-owned"
     async with aiohttp.ClientSession() as session:
         assert await fetch(session, app, "/a", headers={"Authorization": "Bearer app-owned"}) == 401
