@@ -144,5 +144,19 @@ async def start_inventory(
     )
 
 
+def upstream_entry(host: str, url: str, token_server: TokenServer, **token: Any) -> dict[str, Any]:
+    """One upstream in the YAML form a proxy process reads (see tests/support/process.py)."""
+    return {
+        "match": {"hosts": [host]},
+        "url": url,
+        "token": {
+            "token_url": token_server.url,
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            **token,
+        },
+    }
+
+
 def proxy_url(app: ProxyApp) -> str:
     return f"http://127.0.0.1:{app.port}"

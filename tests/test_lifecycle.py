@@ -12,26 +12,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.conftest import upstream_entry
 from tests.support.process import ProxyProcess
 from tests.support.token_server import TokenServer
 from tests.support.upstream import Upstream
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def upstream_entry(host: str, url: str, token_server: TokenServer, **token: Any) -> dict[str, Any]:
-    return {
-        "match": {"hosts": [host]},
-        "url": url,
-        "token": {
-            "token_url": token_server.url,
-            "client_id": CLIENT_ID,
-            "client_secret": CLIENT_SECRET,
-            **token,
-        },
-    }
 
 
 async def admin_get(proxy: ProxyProcess, path: str) -> tuple[int, str]:

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.conftest import upstream_entry
 from tests.support import prometheus as prometheus_support
 from tests.support.process import ProxyProcess
 from tests.support.prometheus import PrometheusServer
@@ -61,15 +61,7 @@ async def scraped(
         proxy_dir,
         {
             "upstreams": {
-                "inventory": {
-                    "match": {"hosts": ["inventory.internal"]},
-                    "url": upstream.url,
-                    "token": {
-                        "token_url": token_server.url,
-                        "client_id": CLIENT_ID,
-                        "client_secret": CLIENT_SECRET,
-                    },
-                }
+                "inventory": upstream_entry("inventory.internal", upstream.url, token_server)
             }
         },
     )

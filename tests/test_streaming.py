@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.conftest import upstream_entry
 from tests.support.process import ProxyProcess, rss_bytes
 from tests.support.token_server import TokenServer
 from tests.support.upstream import Upstream
@@ -30,15 +30,7 @@ async def proxy_process(
         tmp_path,
         {
             "upstreams": {
-                "inventory": {
-                    "match": {"hosts": ["inventory.internal"]},
-                    "url": upstream.url,
-                    "token": {
-                        "token_url": token_server.url,
-                        "client_id": CLIENT_ID,
-                        "client_secret": CLIENT_SECRET,
-                    },
-                }
+                "inventory": upstream_entry("inventory.internal", upstream.url, token_server)
             }
         },
     )
