@@ -463,10 +463,10 @@ class Forwarder:
     ) -> bool:
         if body_task is not None:
             body_task.cancel()
-        headers = list(response.headers)
+        fields = response.fields
         if response.upgrade_to is not None:
-            headers.append((b"Upgrade", response.upgrade_to))
-        conn.write(response_head_bytes(101, response.reason, headers, b"Connection: Upgrade\r\n"))
+            fields += b"\r\nUpgrade: " + response.upgrade_to
+        conn.write(response_head_bytes(101, response.reason, fields, b"Connection: Upgrade\r\n"))
         upstream_tail = exchange.upgrade_tail
         transport = upconn.detach()
         splice(
@@ -558,7 +558,7 @@ class ModeHandler:
 
 def _write_interim(conn: ClientConnection, interim: ResponseHead) -> None:
     """Relay a 1xx response (100 Continue, 103 Early Hints) to an HTTP/1.1 client."""
-    conn.write(response_head_bytes(interim.status, interim.reason, interim.headers, b""))
+    conn.write(response_head_bytes(interim.status, interim.reason, interim.fields, b""))
 
 
 def _host_of(head: RequestHead) -> str:

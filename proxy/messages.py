@@ -1,14 +1,20 @@
-"""HTTP/1.1 message heads: sorting fields as they arrive, token injection, serialisation.
+"""HTTP/1.1 message heads: sorting fields, token injection, serialisation.
 
-Fields are kept as lists of raw ``(name, value)`` byte pairs in the order and case they
-arrived, so that what the proxy forwards is what the client sent, minus what RFC 9110
-§7.6.1 says a proxy must not forward. `HeadFields` sorts them while the parser reports
-them: the hop-by-hop and framing fields the proxy reads (and never forwards as they
-are) go aside, every other field is kept without being looked at twice.
+What the proxy forwards is what it received, in the same order and case, minus what
+RFC 9110 §7.6.1 says a proxy must not forward. The hop-by-hop and framing fields, which
+the proxy reads and never forwards as they are, are set aside; every other field is
+kept without being looked at twice.
+
+Request fields are sorted by `HeadFields` as the parser reports them, one by one.
+A response head, which llhttp has already checked and which usually carries many
+fields the proxy never reads, is cut apart as bytes by `read_response_head`: the
+set-aside lines are found with one regular expression and cut out, and the rest is
+forwarded verbatim.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 Headers = list[tuple[bytes, bytes]]
@@ -36,6 +42,12 @@ _SET_ASIDE = HOP_BY_HOP | FRAMING
 _SET_ASIDE_LENGTHS = frozenset(len(name) for name in _SET_ASIDE)
 # Connection values that name no other field, as nearly every message has them.
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
+# The name of a set-aside field at the start of a line of a lower-cased head.
+_SET_ASIDE_LINE = re.compile(
+    rb"\r\n(c(?:onnection|ontent-length)|host|keep-alive|"
+    rb"proxy-(?:connection|authenticate|authorization)|t(?:e|railer|ransfer-encoding)|upgrade):"
+)
+_SET_ASIDE_NEEDLES = {name: b"\r\n" + name + b":" for name in _SET_ASIDE}
 
 _STATUS_REASONS = {
     100: b"Continue",
@@ -81,7 +93,8 @@ class ResponseHead:
     status: int
     reason: bytes
     version: str
-    headers: Headers  # end-to-end fields only (see HeadFields)
+    # The end-to-end field lines as received, each preceded by CRLF (see read_response_head).
+    fields: bytes
     keep_alive: bool
     content_length: int | None = None
     chunked: bool = False
@@ -120,18 +133,78 @@ class HeadFields:
 
     def end_to_end(self) -> Headers:
         """The kept fields, minus any that a Connection field names (RFC 9110 §7.6.1)."""
-        listed: set[bytes] | None = None
-        for name, value in self.aside:
-            if name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
-                if listed is None:
-                    listed = set()
-                listed.update(part.strip().lower() for part in value.split(b","))
-        if listed:
-            listed -= _SET_ASIDE
-            listed.discard(b"")
+        listed = _connection_listed([value for name, value in self.aside if name == b"connection"])
         if listed:
             return [(name, value) for name, value in self.kept if name.lower() not in listed]
         return self.kept
+
+
+def _connection_listed(values: list[bytes]) -> set[bytes]:
+    """The names of other fields that Connection field `values` make hop-by-hop."""
+    listed: set[bytes] = set()
+    for value in values:
+        if value.lower() not in _PLAIN_CONNECTION:
+            listed.update(part.strip().lower() for part in value.split(b","))
+    if listed:
+        listed -= _SET_ASIDE
+        listed.discard(b"")
+    return listed
+
+
+def read_response_head(raw: bytes, status: int, version: str, keep_alive: bool) -> ResponseHead:
+    """Cut `raw`, a complete response head llhttp accepted, into a `ResponseHead`.
+
+    llhttp has checked the syntax (CRLF line ends, no line folding, no space before a
+    colon), so every field is one line and a set-aside name can only follow a CRLF: the
+    lines of set-aside fields are found in a lower-cased copy and cut out of the
+    original, and the other lines are kept as they are, each preceded by its CRLF.
+    """
+    line_end = raw.index(b"\r\n")
+    parts = raw[:line_end].split(b" ", 2)
+    reason = parts[2] if len(parts) == 3 else b""
+    lowered = raw.lower()
+    names = _SET_ASIDE_LINE.findall(lowered, line_end)
+    if not names:
+        return ResponseHead(status, reason, version, raw[line_end:-4], keep_alive)
+    content_length: int | None = None
+    chunked = False
+    upgrade_to: bytes | None = None
+    connection: list[bytes] = []
+    kept: list[bytes] = []
+    at = line_end
+    for name in names:
+        start = lowered.find(_SET_ASIDE_NEEDLES[name], at)
+        kept.append(raw[at:start])
+        value_start = start + len(name) + 3
+        at = lowered.find(b"\r\n", value_start)
+        value = raw[value_start:at].strip(b" \t")
+        if name == b"content-length":
+            content_length = int(value)  # llhttp refuses duplicates and non-digits
+        elif name == b"transfer-encoding":
+            chunked = value.lower().endswith(b"chunked")
+        elif name == b"connection":
+            connection.append(value)
+        elif name == b"upgrade":
+            upgrade_to = value
+    kept.append(raw[at:-4])
+    fields = b"".join(kept)
+    listed = _connection_listed(connection)
+    if listed:
+        fields = b"".join(
+            b"\r\n" + line
+            for line in fields.split(b"\r\n")[1:]
+            if line.partition(b":")[0].lower() not in listed
+        )
+    return ResponseHead(
+        status,
+        reason,
+        version,
+        fields,
+        keep_alive,
+        content_length=None if chunked else content_length,
+        chunked=chunked,
+        upgrade_to=upgrade_to,
+    )
 
 
 def forward_headers(
@@ -172,14 +245,11 @@ def request_head_bytes(
     return b"".join(parts)
 
 
-def response_head_bytes(status: int, reason: bytes, headers: Headers, framing: bytes) -> bytes:
+def response_head_bytes(status: int, reason: bytes, fields: bytes, framing: bytes) -> bytes:
+    """The response head sent to the client: HTTP/1.1, `fields` (CRLF-prefixed lines), `framing`."""
     if not reason:
         reason = _STATUS_REASONS.get(status, b"Unknown")
-    parts = [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts += (framing, b"\r\n")
-    return b"".join(parts)
+    return b"HTTP/1.1 %d %b%b\r\n%b\r\n" % (status, reason, fields, framing)
 
 
 def frame_response(
@@ -212,7 +282,7 @@ def frame_response(
         framing += b"Connection: close\r\n"
     elif request.version == "1.0":
         framing += b"Connection: keep-alive\r\n"
-    head = response_head_bytes(response.status, response.reason, response.headers, framing)
+    head = response_head_bytes(response.status, response.reason, response.fields, framing)
     return head, not no_body, rechunk, keep_alive
 
 

@@ -26,7 +26,7 @@ import httptools
 
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from proxy.flow_control import FlowControlledProtocol
-from proxy.messages import HeadFields, ResponseHead
+from proxy.messages import ResponseHead, read_response_head
 
 log = logging.getLogger("token_proxy.upstream")
 
@@ -159,8 +159,10 @@ class UpstreamConnection(FlowControlledProtocol):
         self._parser = httptools.HttpResponseParser(self)
         self.exchange: Exchange | None = None
         self.exchanges = 0
-        self._status_reason = b""
-        self._fields = HeadFields()
+        # The bytes of this exchange's response heads until the final one is complete
+        # (interim 1xx heads come first), and where the head being parsed starts.
+        self._heads: bytes | bytearray = b""
+        self._head_start = 0
         self._in_head = False
         self._awaiting_head = False
         self._keep_alive = False
@@ -186,6 +188,14 @@ class UpstreamConnection(FlowControlledProtocol):
             exchange.upgrade_tail += data
             return
         in_head = self._in_head
+        if self._awaiting_head:
+            heads = self._heads
+            if not heads:
+                self._heads = data
+            else:
+                if isinstance(heads, bytes):
+                    heads = self._heads = bytearray(heads)
+                heads += data
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -233,19 +243,8 @@ class UpstreamConnection(FlowControlledProtocol):
             # to frame the next exchange's response.
             self.abort_after_exchange = True
             raise UpstreamUnreachable("upstream sent a response nobody asked for")
-        self._status_reason = b""
-        self._fields = HeadFields()
         self._in_head = True
         self._unfinished_head = 0
-
-    def on_status(self, reason: bytes) -> None:
-        self._status_reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        fields = self._fields
-        fields.add(name, value)
-        if fields.size > MAX_RESPONSE_HEAD:
-            raise UpstreamUnreachable("response head from upstream is too large")
 
     def on_headers_complete(self) -> None:
         exchange = self.exchange
@@ -256,45 +255,39 @@ class UpstreamConnection(FlowControlledProtocol):
         if not 100 <= status <= 599:
             # llhttp takes any three digits; RFC 9110 §15: outside 100..599 is invalid.
             raise UpstreamUnreachable(f"invalid status code {status} from upstream")
-        fields = self._fields
-        content_length: int | None = None
-        chunked = False
-        upgrade_to: bytes | None = None
-        for name, value in fields.aside:
-            if name == b"content-length":
-                content_length = int(value)
-            elif name == b"transfer-encoding":
-                chunked = value.strip().lower().endswith(b"chunked")
-            elif name == b"upgrade":
-                upgrade_to = value
-        head = ResponseHead(
-            status=status,
-            reason=self._status_reason,
-            version=parser.get_http_version(),
-            headers=fields.end_to_end(),
-            keep_alive=parser.should_keep_alive(),
-            content_length=None if chunked else content_length,
-            chunked=chunked,
-            upgrade_to=upgrade_to,
+        head = read_response_head(
+            self._take_head(), status, parser.get_http_version(), parser.should_keep_alive()
         )
-        # Trailer fields arrive through on_header too: never merged into the head
-        # already relayed (RFC 9110 §6.5.1).
-        self._fields = HeadFields()
         if 100 <= status < 200 and status != 101:
             self._interim = True
             exchange.on_interim(head)
             return
         self._interim = False
         self._awaiting_head = False
+        self._heads = b""
         self._keep_alive = head.keep_alive
         no_body = exchange.head_only or status in (204, 304)
-        self._close_delimited = not no_body and not chunked and content_length is None
+        self._close_delimited = not no_body and not head.chunked and head.content_length is None
         exchange.on_head(head)
         if exchange.head_only:
             # llhttp cannot be told a response answers HEAD; the exchange ends here and
             # the connection, whose parser now expects a body, is not reused.
             self.abort_after_exchange = True
             exchange.finish()
+
+    def _take_head(self) -> bytes:
+        """The head llhttp has just parsed, from the bytes kept while awaiting it."""
+        heads = self._heads
+        start = self._head_start
+        while heads.startswith(b"\r\n", start):
+            start += 2  # llhttp skips empty lines before a message
+        end = heads.find(b"\r\n\r\n", start) + 4
+        if end < 4:
+            raise UpstreamUnreachable("response head not found in what the upstream sent")
+        if end - start > MAX_RESPONSE_HEAD:
+            raise UpstreamUnreachable("response head from upstream is too large")
+        self._head_start = end
+        return bytes(heads[start:end])
 
     def on_body(self, data: bytes) -> None:
         exchange = self.exchange
@@ -316,6 +309,8 @@ class UpstreamConnection(FlowControlledProtocol):
         self.exchanges += 1
         self._close_delimited = False
         self._awaiting_head = True
+        self._heads = b""
+        self._head_start = 0
         self._keep_alive = False
         self.last_activity = self._loop.time()
 

@@ -532,6 +532,49 @@ async def test_hop_by_hop_response_fields_are_not_relayed(evil_proxy: EvilProxy)
     assert not names & {b"x-secret", b"keep-alive", b"proxy-authenticate", b"trailer", b"upgrade"}
 
 
+def answer_in_pieces(raw: bytes, size: int) -> Behaviour:
+    """Read one request head, send `raw` `size` bytes at a time, each on its own."""
+
+    async def behaviour(conn: EvilConnection) -> None:
+        await conn.read_head()
+        for start in range(0, len(raw), size):
+            conn.send(raw[start : start + size])
+            await conn.writer.drain()
+            await asyncio.sleep(0.001)  # pacing: let each piece leave in a packet of its own
+
+    return behaviour
+
+
+SPLIT_RESPONSE = (
+    b"HTTP/1.1 100 Continue\r\n\r\n"
+    b"HTTP/1.1 200 Fine Thanks\r\nX-First: 1\r\nCONNECTION: X-Listed, Keep-Alive\r\n"
+    b"x-listed: gone\r\nSet-Cookie: a=1\r\ncontent-LENGTH: 2\r\nX-Padded: v \t\r\n"
+    b"Set-Cookie: b=2\r\nTransfer-encoding-not: kept\r\nKeep-Alive: timeout=5\r\n\r\nok"
+)
+
+
+@pytest.mark.parametrize("size", [1, 7, len(SPLIT_RESPONSE)], ids=["bytes", "pieces", "whole"])
+async def test_a_response_head_is_relayed_the_same_however_it_is_split(
+    evil_proxy: EvilProxy, size: int
+) -> None:
+    app, _ = await evil_proxy(answer_in_pieces(SPLIT_RESPONSE, size))
+    async with await RawClient.connect(app.port) as client:
+        client.send(head(method=b"GET"))
+        assert (await client.response(within=10.0)).status == 100
+        response = await client.response(within=10.0)
+    assert (response.status, response.reason, response.body) == (200, b"Fine Thanks", b"ok")
+    # Kept fields in their order, case and bytes; hop-by-hop ones (and the field that
+    # Connection names) cut out; the proxy's own framing after them.
+    assert response.headers == [
+        (b"X-First", b"1"),
+        (b"Set-Cookie", b"a=1"),
+        (b"X-Padded", b"v \t"),
+        (b"Set-Cookie", b"b=2"),
+        (b"Transfer-encoding-not", b"kept"),
+        (b"Content-Length", b"2"),
+    ]
+
+
 async def test_response_trailers_are_not_promoted_to_header_fields(evil_proxy: EvilProxy) -> None:
     raw = (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
