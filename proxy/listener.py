@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Sequence
+from typing import Any, cast
 
 from proxy.client_connection import ClientConnection, RequestHandler
 from proxy.config import Address, LimitsConfig
@@ -50,8 +52,11 @@ class Listener:
     def port(self) -> int:
         """The bound port (useful when configured as 0)."""
         assert self._server is not None
-        assert self._server.sockets
-        return int(self._server.sockets[0].getsockname()[1])
+        # Typed as a tuple, but uvloop's servers return a list: keep it untyped, so that
+        # the compiled build does not check it.
+        sockets: Sequence[socket.socket] = cast(Any, self._server).sockets
+        assert sockets
+        return int(sockets[0].getsockname()[1])
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

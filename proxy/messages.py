@@ -191,9 +191,11 @@ def read_response_head(raw: bytes, status: int, version: str, keep_alive: bool) 
     listed = _connection_listed(connection)
     if listed:
         fields = b"".join(
-            b"\r\n" + line
-            for line in fields.split(b"\r\n")[1:]
-            if line.partition(b":")[0].lower() not in listed
+            [
+                b"\r\n" + line
+                for line in fields.split(b"\r\n")[1:]
+                if line.partition(b":")[0].lower() not in listed
+            ]
         )
     return ResponseHead(
         status,

@@ -77,7 +77,8 @@ def exported_series() -> dict[str, frozenset[str]]:
     metrics.register_upstream("inventory")
     metrics.observe_request("inventory", 200, 0.01)  # so that its samples show their labels
     declared: dict[str, frozenset[str]] = {}
-    for wrapper in vars(metrics).values():
+    # dir(), not vars(): a compiled Metrics keeps its attributes in a C struct.
+    for wrapper in (getattr(metrics, name) for name in dir(metrics)):
         if isinstance(wrapper, MetricWrapperBase):
             # Declared label names, for families that have no sample yet.
             declared[wrapper._name] = frozenset(wrapper._labelnames)
