@@ -1,26 +1,25 @@
 # token-proxy container image.
 #
-# Stage 1 builds a virtualenv holding token-proxy and its dependencies (wheels only:
-# aiohttp, httptools, uvloop and cryptography all ship manylinux wheels, so no compiler
-# is needed). Stage 2 copies just that venv onto a fresh slim Python: no pip cache, no
-# sources, no build tools. tests/test_deploy.py lints this file with hadolint and runs
-# the same pip install into a fresh venv, since no container engine runs in CI.
+# Stage 1 builds a virtualenv holding token-proxy and its dependencies, with the data
+# path compiled by mypyc (deploy/image/build-venv.sh; it needs a compiler, so this stage
+# starts from the full Python image). Stage 2 copies just that venv onto a slim Python
+# of the same version and Debian release: no pip, no sources, no build tools.
+# tests/test_deploy.py lints this file with hadolint and runs the same build script
+# into a fresh venv, since no container engine runs in CI.
 #
 #   docker build -t token-proxy:0.1.0 .
 #   docker run --rm -v "$PWD/config.yaml:/etc/token-proxy/config.yaml:ro" token-proxy:0.1.0
 
-ARG PYTHON_IMAGE=python:3.11-slim
+ARG BUILD_IMAGE=python:3.11-bookworm
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-FROM ${PYTHON_IMAGE} AS build
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1
-# No pip inside the venv: the image's own pip installs into it (--python), so the
-# final image carries no package installer.
-RUN python -m venv --without-pip /opt/token-proxy
+FROM ${BUILD_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proxy/ proxy/
-# A plain (non-editable) install, so the venv does not point back at /src.
-RUN pip --python /opt/token-proxy/bin/python install --no-cache-dir "./[speed]"
+COPY deploy/image/build-venv.sh deploy/image/
+RUN deploy/image/build-venv.sh /opt/token-proxy
 
 FROM ${PYTHON_IMAGE}
 ARG VERSION=0.1.0

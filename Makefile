@@ -6,11 +6,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench compile uncompile clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --upgrade pip 'setuptools>=77'
 	$(BIN)/pip install --quiet -e '.[test,speed]'
 	touch $(STAMP)
 
@@ -24,13 +24,25 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy proxy
 
-## test: lint, then the whole test suite
+## test: lint, then the whole test suite against the pure-Python and the compiled data path
 test: lint
-	$(BIN)/pytest
+	$(MAKE) --no-print-directory uncompile
+	TOKEN_PROXY_BUILD=pure $(BIN)/pytest
+	$(MAKE) --no-print-directory compile
+	TOKEN_PROXY_BUILD=compiled $(BIN)/pytest
+	$(MAKE) --no-print-directory uncompile
+
+## compile: build the data path with mypyc, in place (as the container image does; see setup.py)
+compile: $(STAMP)
+	TOKEN_PROXY_COMPILE=1 $(BIN)/python setup.py --quiet build_ext --inplace
+
+## uncompile: remove the compiled modules (back to pure Python)
+uncompile:
+	rm -rf build proxy/*.so proxy_data_path__mypyc*.so
 
 ## bench: throughput and latency against nginx (installs nginx and wrk)
-bench: $(STAMP)
+bench: compile
 	$(BIN)/python -m bench
 
-clean:
+clean: uncompile
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

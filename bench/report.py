@@ -134,6 +134,7 @@ def format_report(results: Results, load_core: int | None) -> str:
         f"token-proxy benchmark: {machine['nproc']} cores ({machine['cpu']}), "
         f"Python {machine['python']}, uvloop {machine['uvloop']}, "
         f"httptools {machine['httptools']}, {machine['nginx']}, {machine['wrk']}",
+        f"token-proxy {machine['commit']}, data path: {machine.get('data_path', '?')}",
         f"pinning: {settings['pinning']}",
         *_background_lines(settings),
         "",

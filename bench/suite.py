@@ -44,6 +44,7 @@ from bench.processes import ProcessGroup
 from bench.procfs import CoreTimes, rss_bytes
 from bench.report import Results, TokenEconomy, format_report, plot, to_json
 from bench.stack import REPO_ROOT, Cores, Stack, Target
+from proxy import data_path_build
 
 GIB = 1024**3
 QUICK_BIG_SIZE = 128 * 1024**2
@@ -105,6 +106,7 @@ def machine_info() -> dict[str, str]:
     wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
     return {
         "commit": _commit(),
+        "data_path": data_path_build(),
         "nproc": str(os.cpu_count()),
         "cpu": cpu,
         "kernel": platform.release(),

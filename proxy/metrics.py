@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from proxy import __version__
+from proxy import __version__, data_path_build
 from proxy.errors import TOKEN_FETCH_FAILURE_REASONS
 
 UNMATCHED = "unmatched"
@@ -54,7 +54,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.build_info = Info("token_proxy_build", "Build information.", registry=r)
-        self.build_info.info({"version": __version__})
+        self.build_info.info({"version": __version__, "data_path": data_path_build()})
         self.token_fetches = Counter(
             "token_proxy_token_fetches_total",
             "Token requests made to the token endpoint, by outcome.",
@@ -210,7 +210,7 @@ class RequestStats(Collector):
             "Time from a request's head arriving to its response head being sent.",
             labels=["upstream"],
         )
-        bounds = [*(str(float(b)) for b in REQUEST_BUCKETS), "+Inf"]
+        bounds = [*[str(float(b)) for b in REQUEST_BUCKETS], "+Inf"]
         for upstream, buckets in sorted(self._buckets.items()):
             cumulative, total = [], 0
             for bound, count in zip(bounds, buckets, strict=True):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
+from proxy import data_path_build
 from proxy.app import ProxyApp
 from proxy.config import (
     Address,
@@ -22,6 +24,22 @@ from proxy.config import (
 from proxy.metrics import Metrics
 from tests.support.token_server import TokenServer
 from tests.support.upstream import Upstream
+
+
+def pytest_report_header() -> str:
+    return f"token-proxy data path: {data_path_build()}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # `make test` runs the suite once per build; a leftover or missing compiled module
+    # must not let one run test the other build.
+    expected = os.environ.get("TOKEN_PROXY_BUILD")
+    if expected and expected != data_path_build():
+        raise pytest.UsageError(
+            f"TOKEN_PROXY_BUILD={expected}, but the data path is {data_path_build()}: "
+            "run `make compile` or `make uncompile` first"
+        )
+
 
 CLIENT_ID = "order-service"
 CLIENT_SECRET = "s3cret:with+odd%chars"
