@@ -38,7 +38,7 @@ compile: $(STAMP)
 
 ## uncompile: remove the compiled modules (back to pure Python)
 uncompile:
-	rm -rf build proxy/*.so proxy_data_path__mypyc*.so
+	rm -rf build proxy/*.so
 
 ## bench: throughput and latency against nginx (installs nginx and wrk)
 bench: compile

@@ -40,7 +40,7 @@ def compiled_extensions() -> list[object]:
         return []
     from mypyc.build import mypycify
 
-    return list(mypycify(COMPILED_MODULES, opt_level="3", group_name="proxy_data_path"))
+    return list(mypycify(COMPILED_MODULES, opt_level="3", group_name="proxy._data_path"))
 
 
 setup(ext_modules=compiled_extensions())
