@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy import routing
 from proxy.config import HostMatch, MatchConfig, TokenConfig, UpstreamConfig
 from proxy.errors import BadRequest
 from proxy.routing import Router, parse_absolute_target, path_matches, split_authority
@@ -120,3 +121,22 @@ def test_path_prefix_is_segment_bounded(suffix: bytes) -> None:
     if path_matches("/api", path):
         rest = path.split(b"?", 1)[0][4:]
         assert rest == b"" or rest.startswith(b"/")
+
+
+def test_parsed_origins_are_reused_and_bounded() -> None:
+    first = parse_absolute_target(b"http://Inventory.Internal:8443/a")
+    again = parse_absolute_target(b"http://Inventory.Internal:8443/b?c")
+    assert (again.scheme, again.host, again.port, again.path) == (
+        first.scheme,
+        first.host,
+        first.port,
+        b"/b?c",
+    )
+    assert (first.host, first.port) == ("inventory.internal", 8443)
+    for n in range(3 * routing._PARSED_ORIGINS_MAX):
+        assert parse_absolute_target(b"http://h%d.example/x" % n).host == f"h{n}.example"
+    assert len(routing._PARSED_ORIGINS) <= routing._PARSED_ORIGINS_MAX
+    # What failed to parse is not remembered: it fails again.
+    for _ in range(2):
+        with pytest.raises(BadRequest):
+            parse_absolute_target(b"http://user@inventory.internal/x")
