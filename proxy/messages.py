@@ -15,7 +15,6 @@ forwarded verbatim.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -66,39 +65,91 @@ _STATUS_REASONS = {
 }
 
 
-@dataclass(slots=True)
+# The heads are plain classes rather than dataclasses: one is built per message, and a
+# dataclass's generated __init__ stays interpreted Python in the compiled build.
+
+
 class RequestHead:
     """A parsed request head, as received from the client."""
 
-    method: str
-    target: bytes
-    version: str
-    headers: Headers  # end-to-end fields only (see HeadFields)
-    keep_alive: bool
-    upgrade: bool = False
-    content_length: int | None = None
-    chunked: bool = False
-    hosts: tuple[bytes, ...] = ()  # the Host field values
-    upgrade_to: bytes | None = None  # the Upgrade field value
+    __slots__ = (
+        "chunked",
+        "content_length",
+        "headers",
+        "hosts",
+        "keep_alive",
+        "method",
+        "target",
+        "upgrade",
+        "upgrade_to",
+        "version",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        target: bytes,
+        version: str,
+        headers: Headers,  # end-to-end fields only (see HeadFields)
+        keep_alive: bool,
+        *,
+        upgrade: bool = False,
+        content_length: int | None = None,
+        chunked: bool = False,
+        hosts: tuple[bytes, ...] = (),  # the Host field values
+        upgrade_to: bytes | None = None,  # the Upgrade field value
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.content_length = content_length
+        self.chunked = chunked
+        self.hosts = hosts
+        self.upgrade_to = upgrade_to
 
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
 
 
-@dataclass(slots=True)
 class ResponseHead:
     """A parsed response head, as received from the upstream."""
 
-    status: int
-    reason: bytes
-    version: str
-    # The end-to-end field lines as received, each preceded by CRLF (see read_response_head).
-    fields: bytes
-    keep_alive: bool
-    content_length: int | None = None
-    chunked: bool = False
-    upgrade_to: bytes | None = None
+    __slots__ = (
+        "chunked",
+        "content_length",
+        "fields",
+        "keep_alive",
+        "reason",
+        "status",
+        "upgrade_to",
+        "version",
+    )
+
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        version: str,
+        # The end-to-end field lines as received, each preceded by CRLF (read_response_head).
+        fields: bytes,
+        keep_alive: bool,
+        *,
+        content_length: int | None = None,
+        chunked: bool = False,
+        upgrade_to: bytes | None = None,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.fields = fields
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.chunked = chunked
+        self.upgrade_to = upgrade_to
 
 
 class HeadFields:
