@@ -41,8 +41,11 @@ KUSTOMIZATIONS = [BASE, OVERLAY]
 # 1.29; validate against the oldest schema we claim (1.30) and the newest one known.
 KUBERNETES_VERSIONS = ["1.30.0", "latest"]
 BUILD_SCRIPT = "deploy/image/build-venv.sh"
-# The modules setup.py compiles (read from it, not imported: it runs setup() at import).
-COMPILED_MODULES = re.findall(r'"(proxy/\w+\.py)"', (REPO / "setup.py").read_text())
+# The modules setup.py compiles, and the library they share (read from setup.py, not
+# imported: it runs setup() at import).
+_SETUP = (REPO / "setup.py").read_text()
+COMPILED_MODULES = re.findall(r'"(proxy/\w+\.py)"', _SETUP)
+SHARED_LIBRARY = re.findall(r'group_name="proxy\.(\w+)"', _SETUP)[0] + "__mypyc"
 SIDECAR = "token-proxy"
 APP = "order-service"
 CONFIG_KEY = "config.yaml"
@@ -453,7 +456,8 @@ def test_image_install_steps_give_a_working_token_proxy(tmp_path: Path) -> None:
     assert list(package.glob("__pycache__/*.pyc"))
     # The data path is compiled (setup.py lists the modules).
     assert {path.name.partition(".")[0] for path in package.glob("*.so")} == {
-        Path(module).stem for module in COMPILED_MODULES
+        SHARED_LIBRARY,
+        *(Path(module).stem for module in COMPILED_MODULES),
     }
     # The venv must not lean on the source tree (as an editable install would).
     shutil.rmtree(source)
