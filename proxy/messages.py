@@ -41,12 +41,11 @@ _SET_ASIDE = HOP_BY_HOP | FRAMING
 _SET_ASIDE_LENGTHS = frozenset(len(name) for name in _SET_ASIDE)
 # Connection values that name no other field, as nearly every message has them.
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
-# The name of a set-aside field at the start of a line of a lower-cased head.
+# A set-aside field's line in a lower-cased head: from the CRLF before it to the next CR.
 _SET_ASIDE_LINE = re.compile(
-    rb"\r\n(c(?:onnection|ontent-length)|host|keep-alive|"
-    rb"proxy-(?:connection|authenticate|authorization)|t(?:e|railer|ransfer-encoding)|upgrade):"
+    rb"(\r\n(?:c(?:onnection|ontent-length)|host|keep-alive|proxy-(?:connection|"
+    rb"authenticate|authorization)|t(?:e|railer|ransfer-encoding)|upgrade):[^\r]*)"
 )
-_SET_ASIDE_NEEDLES = {name: b"\r\n" + name + b":" for name in _SET_ASIDE}
 
 _STATUS_REASONS = {
     100: b"Continue",
@@ -205,39 +204,39 @@ def _connection_listed(values: list[bytes]) -> set[bytes]:
 def read_response_head(raw: bytes, status: int, version: str, keep_alive: bool) -> ResponseHead:
     """Cut `raw`, a complete response head llhttp accepted, into a `ResponseHead`.
 
-    llhttp has checked the syntax (CRLF line ends, no line folding, no space before a
-    colon), so every field is one line and a set-aside name can only follow a CRLF: the
-    lines of set-aside fields are found in a lower-cased copy and cut out of the
-    original, and the other lines are kept as they are, each preceded by its CRLF.
+    llhttp has checked the syntax (`HTTP/d.d ddd` status line, CRLF line ends, no line
+    folding, no space before a colon), so every field is one line and a set-aside name
+    can only follow a CRLF. One split of a lower-cased copy at the set-aside lines gives
+    their names and values, and the lengths of the pieces between them, which are cut
+    from the original and kept as they are, each line preceded by its CRLF.
     """
-    line_end = raw.index(b"\r\n")
-    parts = raw[:line_end].split(b" ", 2)
-    reason = parts[2] if len(parts) == 3 else b""
+    line_end = raw.find(b"\r\n")
+    reason = raw[13:line_end]
     lowered = raw.lower()
-    names = _SET_ASIDE_LINE.findall(lowered, line_end)
-    if not names:
-        return ResponseHead(status, reason, version, raw[line_end:-4], keep_alive)
+    parts = _SET_ASIDE_LINE.split(lowered)
+    last = len(raw) - 4  # the end of the last field line
+    if len(parts) == 1:
+        return ResponseHead(status, reason, version, raw[line_end:last], keep_alive)
     content_length: int | None = None
     chunked = False
     upgrade_to: bytes | None = None
     connection: list[bytes] = []
-    kept: list[bytes] = []
-    at = line_end
-    for name in names:
-        start = lowered.find(_SET_ASIDE_NEEDLES[name], at)
-        kept.append(raw[at:start])
-        value_start = start + len(name) + 3
-        at = lowered.find(b"\r\n", value_start)
-        value = raw[value_start:at].strip(b" \t")
+    at = len(parts[0])
+    kept = [raw[line_end:at]]
+    for index in range(1, len(parts), 2):
+        line = parts[index]
+        name, _, value = line[2:].partition(b":")
+        end = at + len(line)
         if name == b"content-length":
             content_length = int(value)  # llhttp refuses duplicates and non-digits
         elif name == b"transfer-encoding":
-            chunked = value.lower().endswith(b"chunked")
+            chunked = value.rstrip().endswith(b"chunked")
         elif name == b"connection":
-            connection.append(value)
+            connection.append(value.strip())
         elif name == b"upgrade":
-            upgrade_to = value
-    kept.append(raw[at:-4])
+            upgrade_to = raw[end - len(value) : end].strip()
+        at = end + len(parts[index + 1])
+        kept.append(raw[end : min(at, last)])
     fields = b"".join(kept)
     listed = _connection_listed(connection)
     if listed:
