@@ -26,17 +26,18 @@ def _put_sbin_on_path() -> None:
         os.environ["PATH"] = os.pathsep.join([*path, *missing])
 
 
-def missing_commands() -> list[str]:
+def missing_commands(commands: dict[str, str] = COMMANDS) -> list[str]:
     _put_sbin_on_path()
-    return [command for command in COMMANDS if shutil.which(command) is None]
+    return [command for command in commands if shutil.which(command) is None]
 
 
-def ensure_commands() -> None:
-    """Install nginx, wrk, curl and taskset with apt-get if any is not on PATH."""
-    missing = missing_commands()
+def ensure_commands(commands: dict[str, str] = COMMANDS) -> None:
+    """Install `commands` (command -> Debian package; by default nginx, wrk, curl and
+    taskset) with apt-get if any is not on PATH."""
+    missing = missing_commands(commands)
     if not missing:
         return
-    packages = sorted({COMMANDS[command] for command in missing})
+    packages = sorted({commands[command] for command in missing})
     prefix: list[str] = []
     if os.geteuid() != 0:
         if shutil.which("sudo") is None:
@@ -53,7 +54,7 @@ def ensure_commands() -> None:
         check=True,
         env=env,
     )
-    still_missing = missing_commands()
+    still_missing = missing_commands(commands)
     if still_missing:
         raise SystemExit(f"bench: still missing after apt-get: {', '.join(still_missing)}")
 
