@@ -4,7 +4,7 @@ Everything else about the package is declared in pyproject.toml. A plain
 `pip install .` builds pure Python, which runs anywhere. The container image and
 `make compile` (used by `make bench` and the second half of `make test`) set
 TOKEN_PROXY_COMPILE=1: mypyc turns the modules every request passes through into C
-extensions, which cuts the proxy's Python work per request by about a third (see
+extensions, which removes about 45 % of the instructions per request (see
 docs/performance.md). The compiled and the pure-Python build run the same test suite.
 
 Compiling needs mypy, a C compiler and the Python headers, and every dependency
