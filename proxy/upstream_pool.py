@@ -260,6 +260,10 @@ class UpstreamConnection(FlowControlledProtocol):
         )
         if 100 <= status < 200 and status != 101:
             self._interim = True
+            # Keep only what follows: an upstream sending 1xx heads without end must not
+            # make them pile up.
+            self._heads = self._heads[self._head_start :]
+            self._head_start = 0
             exchange.on_interim(head)
             return
         self._interim = False
