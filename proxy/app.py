@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from proxy.admin import UpstreamHealth, create_admin_app
+from proxy.allocator import tune_for_streaming
 from proxy.config import ConfigError, ProxyConfig, UpstreamConfig, load_config
 from proxy.forward import Forwarder
 from proxy.intercept import TlsInterceptor
@@ -336,8 +337,9 @@ async def serve(config: ProxyConfig) -> int:
 
 
 def run_proxy(config: ProxyConfig) -> int:
-    """`token-proxy run`: configure logging, pick the fastest loop, serve."""
+    """`token-proxy run`: configure logging and the allocator, pick the fastest loop, serve."""
     configure_logging(config.log_level, config.log_format)
+    tune_for_streaming()
     try:
         import uvloop
     except ImportError:
