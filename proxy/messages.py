@@ -152,7 +152,7 @@ class ResponseHead:
 
 
 class HeadFields:
-    """The fields of one head as the parser reports them, sorted on arrival.
+    """The fields of one request head as the parser reports them, sorted on arrival.
 
     Hop-by-hop and framing fields (RFC 9110 §7.6.1, Host, Content-Length) are set aside
     with lower-cased names for the proxy to read; all others are kept in order, and only
@@ -177,9 +177,6 @@ class HeadFields:
 
     def __len__(self) -> int:
         return len(self.kept) + len(self.aside)
-
-    def values(self, lowered_name: bytes) -> list[bytes]:
-        return [value for name, value in self.aside if name == lowered_name]
 
     def end_to_end(self) -> Headers:
         """The kept fields, minus any that a Connection field names (RFC 9110 §7.6.1)."""
