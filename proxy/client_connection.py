@@ -134,7 +134,14 @@ class ClientConnection(FlowControlledProtocol):
         super().__init__()
         self.listener = listener
         self._handler = handler
-        self._limits = limits
+        # The limits are read for every request and field: kept as native attributes of
+        # this (compiled) class rather than read through the config object each time.
+        self._max_request_line = limits.max_request_line
+        self._max_header_size = limits.max_header_size
+        self._max_headers = limits.max_headers
+        self._max_body_size = limits.max_body_size
+        self._header_timeout = limits.header_timeout
+        self._idle_timeout = limits.idle_timeout
         self._loop = asyncio.get_running_loop()
         self.peer: str = "-"
         self._parser = httptools.HttpRequestParser(self)
@@ -165,7 +172,7 @@ class ClientConnection(FlowControlledProtocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = f"{peer[0]}:{peer[1]}"
-        self.idle_deadline = self._loop.time() + self._limits.header_timeout
+        self.idle_deadline = self._loop.time() + self._header_timeout
         self.listener.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
@@ -192,7 +199,7 @@ class ClientConnection(FlowControlledProtocol):
             # on_header never sees a field that does not end: bound an unfinished head
             # by the bytes that arrived while it was unfinished (RFC 9110 §5.4: 4xx).
             self._unfinished_head += len(data)
-            if self._unfinished_head > self._limits.max_request_line + self._limits.max_header_size:
+            if self._unfinished_head > self._max_request_line + self._max_header_size:
                 self._parse_failed(HeadersTooLarge("request headers too large"))
 
     def eof_received(self) -> bool | None:
@@ -245,22 +252,22 @@ class ClientConnection(FlowControlledProtocol):
         self._url = b""
         self._fields = HeadFields()
         self._unfinished_head = 0
-        self.header_deadline = self._loop.time() + self._limits.header_timeout
+        self.header_deadline = self._loop.time() + self._header_timeout
         self.idle_deadline = 0.0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > self._limits.max_request_line:
+        if len(self._url) > self._max_request_line:
             self._parsing_error = UriTooLong("request line too long")
             raise self._parsing_error
 
     def on_header(self, name: bytes, value: bytes) -> None:
         fields = self._fields
         fields.add(name, value)
-        if fields.size > self._limits.max_header_size:
+        if fields.size > self._max_header_size:
             self._parsing_error = HeadersTooLarge("request headers too large")
             raise self._parsing_error
-        if len(fields) > self._limits.max_headers:
+        if len(fields) > self._max_headers:
             self._parsing_error = HeadersTooLarge("too many request headers")
             raise self._parsing_error
 
@@ -303,7 +310,7 @@ class ClientConnection(FlowControlledProtocol):
                 )
                 raise self._parsing_error
             content_length = None
-        limit = self._limits.max_body_size
+        limit = self._max_body_size
         if limit is not None and content_length is not None and content_length > limit:
             # Refuse before anything goes upstream (RFC 9110 §15.5.14).
             self._parsing_error = RequestTooLarge(f"request body larger than {limit} bytes")
@@ -344,7 +351,7 @@ class ClientConnection(FlowControlledProtocol):
         body = self._body
         if body is None:
             return
-        limit = self._limits.max_body_size
+        limit = self._max_body_size
         if limit is not None and body.received + len(data) > limit:
             error = RequestTooLarge(f"request body larger than {limit} bytes")
             body.fail(error)
@@ -395,7 +402,7 @@ class ClientConnection(FlowControlledProtocol):
         elif self._parse_stopped:
             self.close()
         else:
-            self.idle_deadline = self._loop.time() + self._limits.idle_timeout
+            self.idle_deadline = self._loop.time() + self._idle_timeout
 
     async def _serve(self) -> None:
         try:
@@ -405,7 +412,7 @@ class ClientConnection(FlowControlledProtocol):
                         self.close()
                         return
                     if not self.busy:
-                        self.idle_deadline = self._loop.time() + self._limits.idle_timeout
+                        self.idle_deadline = self._loop.time() + self._idle_timeout
                     self._wakeup = self._loop.create_future()
                     try:
                         await self._wakeup
