@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Final
 
 from proxy.config import UpstreamConfig
 from proxy.errors import BadRequest
 
-DEFAULT_PORTS = {"http": 80, "https": 443}
+DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 # RFC 3986 reg-name restricted to what DNS allows: letters, digits, '-', '_' and dots.
-_HOSTNAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*$")
+_HOSTNAME: Final = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*$")
 
 
 class Target:
@@ -94,33 +95,38 @@ def split_authority(authority: str, default_port: int | None) -> tuple[str, int]
 # forward proxy sees the same few origins again and again; parsing one is far dearer
 # than looking it up. Only what parsed cleanly is kept, and the cache is emptied when
 # it fills (a client cycling through hosts gains nothing, and costs one parse each).
-_PARSED_ORIGINS: dict[bytes, tuple[str, str, int]] = {}
-_PARSED_ORIGINS_MAX = 1024
+_PARSED_ORIGINS: Final[dict[bytes, tuple[str, str, int]]] = {}
+_PARSED_ORIGINS_MAX: Final = 1024
 
 
 def parse_absolute_target(target: bytes) -> Target:
     """Parse an absolute-form request target (RFC 9112 §3.2.2), keeping the path's bytes."""
     start = target.find(b"://") + 3
-    cut = len(target)
-    if start >= 3:
-        for delimiter in (b"/", b"?", b"#"):
-            index = target.find(delimiter, start)
-            if 0 <= index < cut:
-                cut = index
+    # Nearly always the authority ends at a '/': if what precedes it is a known origin,
+    # it holds no '?' or '#' either (no cached origin does), so that is where it ends.
+    cut = target.find(b"/", start) if start >= 3 else -1
+    parsed = _PARSED_ORIGINS.get(target[:cut]) if cut >= 0 else None
+    if parsed is None:
+        cut = len(target)
+        if start >= 3:
+            for delimiter in (b"/", b"?", b"#"):
+                index = target.find(delimiter, start)
+                if 0 <= index < cut:
+                    cut = index
+        origin = target[:cut]
+        parsed = _PARSED_ORIGINS.get(origin)
+        if parsed is None:
+            parsed = _parse_origin(origin)
+            if len(_PARSED_ORIGINS) >= _PARSED_ORIGINS_MAX:
+                _PARSED_ORIGINS.clear()
+            _PARSED_ORIGINS[origin] = parsed
     path = target[cut:]
     if not path.isascii():
         raise BadRequest("request target is not ASCII")
-    if b"#" in path:
+    if path.find(b"#") >= 0:
         raise BadRequest("a fragment is not allowed in the request target")
     if not path.startswith(b"/"):
         path = b"/" + path
-    origin = target[:cut]
-    parsed = _PARSED_ORIGINS.get(origin)
-    if parsed is None:
-        parsed = _parse_origin(origin)
-        if len(_PARSED_ORIGINS) >= _PARSED_ORIGINS_MAX:
-            _PARSED_ORIGINS.clear()
-        _PARSED_ORIGINS[origin] = parsed
     scheme, host, port = parsed
     return Target(scheme, host, port, path)
 
