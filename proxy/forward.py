@@ -486,7 +486,7 @@ class Forwarder:
         """Count the answer in the metrics, and log it when the access log is on."""
         elapsed = self._loop.time() - started if started is not None else 0.0
         self._metrics.observe_request(label, status, elapsed)
-        if self._holder.current.config.access_log:
+        if self._holder.current.access_log:
             log_access(
                 upstream=label,
                 method=head.method,

@@ -13,8 +13,8 @@ A `Metrics` owns its `CollectorRegistry`, so tests build a fresh one each.
 from __future__ import annotations
 
 import contextlib
-from bisect import bisect_left
 from collections.abc import Iterator
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -23,13 +23,13 @@ from prometheus_client.registry import Collector
 from proxy import __version__, data_path_build
 from proxy.errors import TOKEN_FETCH_FAILURE_REASONS
 
-UNMATCHED = "unmatched"
+UNMATCHED: Final = "unmatched"
 
 # Token endpoints answer in tens of milliseconds when healthy; the upper buckets
 # exist to show a struggling one before the client timeout (default 10 s) fires.
 TOKEN_FETCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Proxied requests: from a loopback hop (~1 ms) to a slow upstream.
-REQUEST_BUCKETS = (
+REQUEST_BUCKETS: Final = (
     0.001,
     0.0025,
     0.005,
@@ -161,6 +161,17 @@ class Metrics:
                 self.token_fetch_failures.remove(name, reason)
 
 
+class _UpstreamRequests:
+    """The request counts of one upstream: by status code, by duration bucket, and the sum."""
+
+    __slots__ = ("buckets", "by_status", "seconds")
+
+    def __init__(self) -> None:
+        self.by_status: dict[int, int] = {}
+        self.buckets = [0] * (len(REQUEST_BUCKETS) + 1)  # the last one is +Inf
+        self.seconds = 0.0
+
+
 class RequestStats(Collector):
     """token_proxy_requests_total and token_proxy_request_duration_seconds.
 
@@ -171,30 +182,28 @@ class RequestStats(Collector):
     """
 
     def __init__(self) -> None:
-        self._counts: dict[tuple[str, int], int] = {}
-        # Per upstream: bucket counts (the last one is +Inf) and the sum of durations.
-        self._buckets: dict[str, list[int]] = {}
-        self._sums: dict[str, float] = {}
+        self._upstreams: dict[str, _UpstreamRequests] = {}
 
     def register(self, upstream: str) -> None:
-        self._buckets.setdefault(upstream, [0] * (len(REQUEST_BUCKETS) + 1))
-        self._sums.setdefault(upstream, 0.0)
+        if upstream not in self._upstreams:
+            self._upstreams[upstream] = _UpstreamRequests()
 
     def forget(self, upstream: str) -> None:
-        self._buckets.pop(upstream, None)
-        self._sums.pop(upstream, None)
-        for key in [key for key in self._counts if key[0] == upstream]:
-            del self._counts[key]
+        self._upstreams.pop(upstream, None)
 
     def observe(self, upstream: str, status: int, seconds: float) -> None:
-        key = (upstream, status)
-        self._counts[key] = self._counts.get(key, 0) + 1
-        buckets = self._buckets.get(upstream)
-        if buckets is None:
-            self.register(upstream)
-            buckets = self._buckets[upstream]
-        buckets[bisect_left(REQUEST_BUCKETS, seconds)] += 1
-        self._sums[upstream] += seconds
+        stats = self._upstreams.get(upstream)
+        if stats is None:
+            stats = self._upstreams[upstream] = _UpstreamRequests()
+        stats.by_status[status] = stats.by_status.get(status, 0) + 1
+        # The first bucket whose bound is not below `seconds`; most requests take the first.
+        bucket = 0
+        for bound in REQUEST_BUCKETS:
+            if seconds <= bound:
+                break
+            bucket += 1
+        stats.buckets[bucket] += 1
+        stats.seconds += seconds
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -202,8 +211,9 @@ class RequestStats(Collector):
             "Requests handled, by upstream (or 'unmatched') and response status code.",
             labels=["upstream", "code"],
         )
-        for (upstream, status), count in sorted(self._counts.items()):
-            requests.add_metric([upstream, str(status)], count)
+        for upstream, stats in sorted(self._upstreams.items()):
+            for status, count in sorted(stats.by_status.items()):
+                requests.add_metric([upstream, str(status)], count)
         yield requests
         duration = HistogramMetricFamily(
             "token_proxy_request_duration_seconds",
@@ -211,12 +221,12 @@ class RequestStats(Collector):
             labels=["upstream"],
         )
         bounds = [*[str(float(b)) for b in REQUEST_BUCKETS], "+Inf"]
-        for upstream, buckets in sorted(self._buckets.items()):
+        for upstream, stats in sorted(self._upstreams.items()):
             cumulative, total = [], 0
-            for bound, count in zip(bounds, buckets, strict=True):
+            for bound, count in zip(bounds, stats.buckets, strict=True):
                 total += count
                 cumulative.append((bound, total))
-            duration.add_metric([upstream], cumulative, sum_value=self._sums[upstream])
+            duration.add_metric([upstream], cumulative, sum_value=stats.seconds)
         yield duration
 
     def describe(self) -> Iterator[Metric]:

@@ -22,16 +22,13 @@ from proxy.upstream_pool import Origin
 class Route:
     """A configured upstream, ready for the request path."""
 
+    name: str  # config.name, read for every request (a native attribute when compiled)
     config: UpstreamConfig
     provider: TokenProvider
     header_name: bytes
     # Set when the upstream has a `url`: every matched request goes there.
     origin: Origin | None
     host_header: bytes | None
-
-    @property
-    def name(self) -> str:
-        return self.config.name
 
 
 def build_route(upstream: UpstreamConfig, provider: TokenProvider) -> Route:
@@ -43,6 +40,7 @@ def build_route(upstream: UpstreamConfig, provider: TokenProvider) -> Route:
         origin = Origin(url.scheme, url.host, url.port, tls)
         host_header = url.authority.encode("ascii")
     return Route(
+        name=upstream.name,
         config=upstream,
         provider=provider,
         header_name=upstream.header.encode("ascii"),
@@ -58,11 +56,17 @@ class Runtime:
     config: ProxyConfig
     router: Router
     routes: dict[str, Route]
+    access_log: bool  # config.access_log, read for every request
 
     @classmethod
     def build(cls, config: ProxyConfig, providers: dict[str, TokenProvider]) -> Runtime:
         routes = {u.name: build_route(u, providers[u.name]) for u in config.upstreams}
-        return cls(config=config, router=Router(config.upstreams), routes=routes)
+        return cls(
+            config=config,
+            router=Router(config.upstreams),
+            routes=routes,
+            access_log=config.access_log,
+        )
 
     def route_for(self, upstream: UpstreamConfig | None) -> Route | None:
         return None if upstream is None else self.routes[upstream.name]
