@@ -15,12 +15,16 @@ forwarded verbatim.
 from __future__ import annotations
 
 import re
+from typing import Final
 
 Headers = list[tuple[bytes, bytes]]
 
+# Module constants are `Final` so that the compiled build reads them from C statics
+# instead of looking them up in the module's dictionary on every use.
+
 # RFC 9110 §7.6.1 hop-by-hop fields, the legacy ones real clients still send, and the
 # proxy's own credentials (Proxy-Authorization is meant for this hop only).
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -35,19 +39,21 @@ HOP_BY_HOP = frozenset(
 )
 
 # Written by the proxy itself from what it knows about the message it sends.
-FRAMING = frozenset({b"content-length", b"host"})
-_SET_ASIDE = HOP_BY_HOP | FRAMING
-# Only names of these lengths can be set aside: others are kept without lower().
-_SET_ASIDE_LENGTHS = frozenset(len(name) for name in _SET_ASIDE)
+FRAMING: Final = frozenset({b"content-length", b"host"})
+_SET_ASIDE: Final = HOP_BY_HOP | FRAMING
+# Bit n is set if some set-aside name is n bytes long: names of other lengths are kept
+# without being lower-cased.
+_SET_ASIDE_LENGTHS: Final = sum(1 << length for length in {len(name) for name in _SET_ASIDE})
 # Connection values that name no other field, as nearly every message has them.
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
-# A set-aside field's line in a lower-cased head: from the CRLF before it to the next CR.
-_SET_ASIDE_LINE = re.compile(
-    rb"(\r\n(?:c(?:onnection|ontent-length)|host|keep-alive|proxy-(?:connection|"
-    rb"authenticate|authorization)|t(?:e|railer|ransfer-encoding)|upgrade):[^\r]*)"
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
+# A set-aside field's line in a lower-cased head, from the CRLF before it to the next
+# CR: split() gives the name and the value of each as two pieces.
+_SET_ASIDE_LINE: Final = re.compile(
+    rb"\r\n(c(?:onnection|ontent-length)|host|keep-alive|proxy-(?:connection|"
+    rb"authenticate|authorization)|t(?:e|railer|ransfer-encoding)|upgrade):([^\r]*)"
 )
 
-_STATUS_REASONS = {
+_STATUS_REASONS: Final = {
     100: b"Continue",
     101: b"Switching Protocols",
     200: b"OK",
@@ -62,6 +68,7 @@ _STATUS_REASONS = {
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
+_DIGIT_0: Final = 48  # ord("0")
 
 
 # The heads are plain classes rather than dataclasses: one is built per message, and a
@@ -168,7 +175,7 @@ class HeadFields:
 
     def add(self, name: bytes, value: bytes) -> None:
         self.size += len(name) + len(value) + 4
-        if len(name) in _SET_ASIDE_LENGTHS:
+        if _SET_ASIDE_LENGTHS >> len(name) & 1:
             lowered = name.lower()
             if lowered in _SET_ASIDE:
                 self.aside.append((lowered, value))
@@ -198,19 +205,21 @@ def _connection_listed(values: list[bytes]) -> set[bytes]:
     return listed
 
 
-def read_response_head(raw: bytes, status: int, version: str, keep_alive: bool) -> ResponseHead:
-    """Cut `raw`, a complete response head llhttp accepted, into a `ResponseHead`.
+def read_response_head(raw: bytes, status: int, keep_alive: bool) -> ResponseHead:
+    """Cut `raw`, a complete HTTP response head llhttp accepted, into a `ResponseHead`.
 
     llhttp has checked the syntax (`HTTP/d.d ddd` status line, CRLF line ends, no line
     folding, no space before a colon), so every field is one line and a set-aside name
-    can only follow a CRLF. One split of a lower-cased copy at the set-aside lines gives
+    can only follow a CRLF. (llhttp also takes `RTSP/` and `ICE/` status lines: the
+    caller refuses those.) One split of a lower-cased copy at the set-aside lines gives
     their names and values, and the lengths of the pieces between them, which are cut
     from the original and kept as they are, each line preceded by its CRLF.
     """
     line_end = raw.find(b"\r\n")
     reason = raw[13:line_end]
-    lowered = raw.lower()
-    parts = _SET_ASIDE_LINE.split(lowered)
+    version_digits = raw[5:8]
+    version = "1.1" if version_digits == b"1.1" else version_digits.decode("ascii")
+    parts = _SET_ASIDE_LINE.split(raw.lower())
     last = len(raw) - 4  # the end of the last field line
     if len(parts) == 1:
         return ResponseHead(status, reason, version, raw[line_end:last], keep_alive)
@@ -220,30 +229,33 @@ def read_response_head(raw: bytes, status: int, version: str, keep_alive: bool) 
     connection: list[bytes] = []
     at = len(parts[0])
     kept = [raw[line_end:at]]
-    for index in range(1, len(parts), 2):
-        line = parts[index]
-        name, _, value = line[2:].partition(b":")
-        end = at + len(line)
+    for index in range(1, len(parts), 3):
+        name = parts[index]
+        value = parts[index + 1]
+        end = at + len(name) + len(value) + 3  # CRLF, name, colon, value
         if name == b"content-length":
             content_length = int(value)  # llhttp refuses duplicates and non-digits
         elif name == b"transfer-encoding":
             chunked = value.rstrip().endswith(b"chunked")
         elif name == b"connection":
-            connection.append(value.strip())
+            value = value.strip()
+            if value not in _PLAIN_CONNECTION:
+                connection.append(value)
         elif name == b"upgrade":
             upgrade_to = raw[end - len(value) : end].strip()
-        at = end + len(parts[index + 1])
+        at = end + len(parts[index + 2])
         kept.append(raw[end : min(at, last)])
     fields = b"".join(kept)
-    listed = _connection_listed(connection)
-    if listed:
-        fields = b"".join(
-            [
-                b"\r\n" + line
-                for line in fields.split(b"\r\n")[1:]
-                if line.partition(b":")[0].lower() not in listed
-            ]
-        )
+    if connection:
+        listed = _connection_listed(connection)
+        if listed:
+            fields = b"".join(
+                [
+                    b"\r\n" + line
+                    for line in fields.split(b"\r\n")[1:]
+                    if line.partition(b":")[0].lower() not in listed
+                ]
+            )
     return ResponseHead(
         status,
         reason,

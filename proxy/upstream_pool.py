@@ -20,7 +20,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 import httptools
 
@@ -30,9 +30,11 @@ from proxy.messages import ResponseHead, read_response_head
 
 log = logging.getLogger("token_proxy.upstream")
 
-SWEEP_INTERVAL = 0.25
+SWEEP_INTERVAL: Final = 0.25
 # Beyond this a response head is an attack or a bug, not an API (Envoy's default is 60 KiB).
-MAX_RESPONSE_HEAD = 256 * 1024
+MAX_RESPONSE_HEAD: Final = 256 * 1024
+_H: Final = ord("H")
+_CR: Final = ord("\r")
 
 BodySink = Callable[[bytes], None]
 
@@ -255,9 +257,11 @@ class UpstreamConnection(FlowControlledProtocol):
         if not 100 <= status <= 599:
             # llhttp takes any three digits; RFC 9110 §15: outside 100..599 is invalid.
             raise UpstreamUnreachable(f"invalid status code {status} from upstream")
-        head = read_response_head(
-            self._take_head(), status, parser.get_http_version(), parser.should_keep_alive()
-        )
+        raw = self._take_head()
+        if raw[0] != _H:
+            # llhttp also takes RTSP/ and ICE/ status lines: whatever answered is not HTTP.
+            raise UpstreamUnreachable("the upstream answered in a protocol other than HTTP")
+        head = read_response_head(raw, status, parser.should_keep_alive())
         if 100 <= status < 200 and status != 101:
             self._interim = True
             # Keep only what follows: an upstream sending 1xx heads without end must not
@@ -283,15 +287,17 @@ class UpstreamConnection(FlowControlledProtocol):
         """The head llhttp has just parsed, from the bytes kept while awaiting it."""
         heads = self._heads
         start = self._head_start
-        while heads.startswith(b"\r\n", start):
-            start += 2  # llhttp skips empty lines before a message
+        if start < len(heads) and heads[start] == _CR:
+            while heads.startswith(b"\r\n", start):
+                start += 2  # llhttp skips empty lines before a message
         end = heads.find(b"\r\n\r\n", start) + 4
         if end < 4:
             raise UpstreamUnreachable("response head not found in what the upstream sent")
         if end - start > MAX_RESPONSE_HEAD:
             raise UpstreamUnreachable("response head from upstream is too large")
         self._head_start = end
-        return bytes(heads[start:end])
+        head = heads[start:end]
+        return head if isinstance(head, bytes) else bytes(head)
 
     def on_body(self, data: bytes) -> None:
         exchange = self.exchange

@@ -454,6 +454,9 @@ PATCHED_RESPONSES = {
     + b"X-Many: a\r\n" * 100_000
     + b"Content-Length: 0\r\n\r\n",
     "huge-reason": b"HTTP/1.1 200 " + b"O" * (1 << 20) + b"\r\nContent-Length: 0\r\n\r\n",
+    # llhttp takes these status lines too; they are not HTTP.
+    "rtsp": b"RTSP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "ice": b"ICE/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
 }
 
 
