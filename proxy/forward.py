@@ -129,10 +129,9 @@ class Forwarder:
         if upconn is None:
             return False
         request_head, injected = self._request_head(head, plan, token)
-        upconn.begin(
-            FastExchange(self, conn, head, plan, upconn, token, injected, self._loop.time())
-        )
-        upconn.write(request_head)
+        now = self._loop.time()
+        exchange = FastExchange(self, conn, head, plan, upconn, token, injected, now)
+        upconn.begin(exchange, request_head, now)
         return True
 
     def finish_slowly(
@@ -235,9 +234,8 @@ class Forwarder:
         exchange = AwaitedExchange(self._loop, head.method == "HEAD")
         if head.version == "1.1":
             exchange.interim_writer = partial(_write_interim, conn)
-        upconn.begin(exchange)
         request_head, injected = self._request_head(head, plan, token)
-        upconn.write(request_head)
+        upconn.begin(exchange, request_head, self._loop.time())
         body_task: asyncio.Task[None] | None = None
         if body is not None:
             source = kept if replay else body

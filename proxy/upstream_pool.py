@@ -216,9 +216,10 @@ class UpstreamConnection(FlowControlledProtocol):
                 if self._unfinished_head > MAX_RESPONSE_HEAD:
                     self.abort()
                     exchange.fail(UpstreamUnreachable("response head from upstream is too large"))
-        if not self._awaiting_head:
+        if not self._awaiting_head and not exchange.complete:
             # Bytes of an unfinished head are not an answer: `timeout` bounds the wait for
             # the whole head after the last request byte, however slowly it trickles in.
+            # (A finished exchange needs no more watching.)
             self.last_activity = self._loop.time()
         exchange.after_data()
 
@@ -314,7 +315,9 @@ class UpstreamConnection(FlowControlledProtocol):
 
     # -- for the forwarder ---------------------------------------------------
 
-    def begin(self, exchange: Exchange) -> None:
+    def begin(self, exchange: Exchange, head: bytes, now: float) -> None:
+        """Start `exchange` by sending its request `head` (at loop time `now`)."""
+        assert self.transport is not None
         self.exchange = exchange
         self.exchanges += 1
         self._close_delimited = False
@@ -322,7 +325,8 @@ class UpstreamConnection(FlowControlledProtocol):
         self._heads = b""
         self._head_start = 0
         self._keep_alive = False
-        self.last_activity = self._loop.time()
+        self.last_activity = now
+        self.transport.write(head)
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
