@@ -151,6 +151,7 @@ class ClientConnection(FlowControlledProtocol):
         # Parsing state of the request being read.
         self._url = b""
         self._fields = HeadFields()
+        self._in_trailers = False
         self._unfinished_head = 0
         self._body: RequestBody | None = None
         self._parsing_error: ProxyError | None = None
@@ -251,6 +252,7 @@ class ClientConnection(FlowControlledProtocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._fields = HeadFields()
+        self._in_trailers = False
         self._unfinished_head = 0
         self.header_deadline = self._loop.time() + self._header_timeout
         self.idle_deadline = 0.0
@@ -262,6 +264,9 @@ class ClientConnection(FlowControlledProtocol):
             raise self._parsing_error
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_trailers:
+            self._in_trailers = False
+            self._fields = HeadFields()
         fields = self._fields
         fields.add(name, value)
         if fields.size > self._max_header_size:
@@ -327,9 +332,10 @@ class ClientConnection(FlowControlledProtocol):
             hosts=tuple(hosts),
             upgrade_to=upgrade_to,
         )
-        # Trailer fields (llhttp reports them through on_header too) go to a list of their
-        # own and are dropped: never merged into the head (RFC 9110 §6.5.1), yet bounded.
-        self._fields = HeadFields()
+        # Trailer fields (llhttp reports them through on_header too) go to fields of their
+        # own, made when the first one comes, and are dropped: never merged into the head
+        # (RFC 9110 §6.5.1), yet bounded.
+        self._in_trailers = True
         if head.has_body:
             body: RequestBody | None = RequestBody(self)
             self._body = body

@@ -301,8 +301,9 @@ def request_head_bytes(
     """The request head sent upstream: HTTP/1.1, our Host first, then the end-to-end fields."""
     parts = [method.encode("ascii"), b" ", path, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
     for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts += (framing, b"\r\n")
+        parts.append(b"%b: %b\r\n" % (name, value))
+    parts.append(framing)
+    parts.append(b"\r\n")
     return b"".join(parts)
 
 
