@@ -15,6 +15,7 @@ forwarded verbatim.
 from __future__ import annotations
 
 import re
+from http import HTTPStatus
 from typing import Final
 
 Headers = list[tuple[bytes, bytes]]
@@ -53,21 +54,8 @@ _SET_ASIDE_LINE: Final = re.compile(
     rb"authenticate|authorization)|t(?:e|railer|ransfer-encoding)|upgrade):([^\r]*)"
 )
 
-_STATUS_REASONS: Final = {
-    100: b"Continue",
-    101: b"Switching Protocols",
-    200: b"OK",
-    204: b"No Content",
-    304: b"Not Modified",
-    400: b"Bad Request",
-    401: b"Unauthorized",
-    403: b"Forbidden",
-    404: b"Not Found",
-    500: b"Internal Server Error",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-}
+# For a status line that came without a reason phrase.
+_STATUS_REASONS: Final = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 _DIGIT_0: Final = 48  # ord("0")
 
 
@@ -216,7 +204,9 @@ def read_response_head(raw: bytes, status: int, keep_alive: bool) -> ResponseHea
     from the original and kept as they are, each line preceded by its CRLF.
     """
     line_end = raw.find(b"\r\n")
-    reason = raw[13:line_end]
+    # `HTTP/1.1 302` may come without the space before an empty reason; and a compiled
+    # slice whose start is past its end fails rather than giving b"".
+    reason = raw[13:line_end] if line_end > 13 else b""
     version_digits = raw[5:8]
     version = "1.1" if version_digits == b"1.1" else version_digits.decode("ascii")
     parts = _SET_ASIDE_LINE.split(raw.lower())

@@ -535,6 +535,22 @@ async def test_hop_by_hop_response_fields_are_not_relayed(evil_proxy: EvilProxy)
     assert not names & {b"x-secret", b"keep-alive", b"proxy-authenticate", b"trailer", b"upgrade"}
 
 
+@pytest.mark.parametrize(
+    ("status_line", "reason"),
+    [(b"HTTP/1.1 302", b"Found"), (b"HTTP/1.1 302 ", b"Found"), (b"HTTP/1.1 302 Elsewhere", None)],
+    ids=["no-space", "empty", "own"],
+)
+async def test_a_status_line_without_a_reason_is_relayed_with_one(
+    evil_proxy: EvilProxy, status_line: bytes, reason: bytes | None
+) -> None:
+    raw = status_line + b"\r\nLocation: /there\r\nContent-Length: 0\r\n\r\n"
+    app, _ = await evil_proxy(answer(raw))
+    response, _ = await roundtrip(app.port, head(method=b"GET"), close_within=0)
+    assert response.status == 302
+    assert response.reason == (reason or status_line[13:])
+    assert response.headers[0] == (b"Location", b"/there")
+
+
 def answer_in_pieces(raw: bytes, size: int) -> Behaviour:
     """Read one request head, send `raw` `size` bytes at a time, each on its own."""
 
