@@ -7,14 +7,13 @@ kept without being looked at twice.
 
 Request fields are sorted by `HeadFields` as the parser reports them, one by one.
 A response head, which llhttp has already checked and which usually carries many
-fields the proxy never reads, is cut apart as bytes by `read_response_head`: the
-set-aside lines are found with one regular expression and cut out, and the rest is
-forwarded verbatim.
+fields the proxy never reads, is cut into lines by `read_response_head`: only lines
+whose name could be a set-aside one (by its initial and length) are looked at closer,
+and the rest is forwarded verbatim.
 """
 
 from __future__ import annotations
 
-import re
 from http import HTTPStatus
 from typing import Final
 
@@ -47,12 +46,14 @@ _SET_ASIDE: Final = HOP_BY_HOP | FRAMING
 _SET_ASIDE_LENGTHS: Final = sum(1 << length for length in {len(name) for name in _SET_ASIDE})
 # Connection values that name no other field, as nearly every message has them.
 _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
-# A set-aside field's line in a lower-cased head, from the CRLF before it to the next
-# CR: split() gives the name and the value of each as two pieces.
-_SET_ASIDE_LINE: Final = re.compile(
-    rb"\r\n(c(?:onnection|ontent-length)|host|keep-alive|proxy-(?:connection|"
-    rb"authenticate|authorization)|t(?:e|railer|ransfer-encoding)|upgrade):([^\r]*)"
-)
+# Set-aside names told apart by their shape: initial letter (0 for a/A, ..., 25 for
+# z/Z) and length. A response's field line is only looked at closer if its initial is
+# one of theirs, and its name compared only with the one name of its shape.
+_SET_ASIDE_INITIALS: Final = sum({1 << (name[0] - 97) for name in _SET_ASIDE})
+_SET_ASIDE_BY_SHAPE: Final = {len(name) * 32 + name[0] - 97: name for name in _SET_ASIDE}
+_CASE_BIT: Final = 0x20  # set in an ASCII letter's lower-case form
+_LOWER_A: Final = 97  # ord("a")
+_COLON: Final = 58  # ord(":")
 
 # For a status line that came without a reason phrase.
 _STATUS_REASONS: Final = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
@@ -197,55 +198,53 @@ def read_response_head(raw: bytes, status: int, keep_alive: bool) -> ResponseHea
     """Cut `raw`, a complete HTTP response head llhttp accepted, into a `ResponseHead`.
 
     llhttp has checked the syntax (`HTTP/d.d ddd` status line, CRLF line ends, no line
-    folding, no space before a colon), so every field is one line and a set-aside name
-    can only follow a CRLF. (llhttp also takes `RTSP/` and `ICE/` status lines: the
-    caller refuses those.) One split of a lower-cased copy at the set-aside lines gives
-    their names and values, and the lengths of the pieces between them, which are cut
-    from the original and kept as they are, each line preceded by its CRLF.
+    folding, no space before a colon, a colon in every field line), so each line is a
+    field whose name ends at its first colon. (llhttp also takes `RTSP/` and `ICE/`
+    status lines: the caller refuses those.) The lines of set-aside fields are read and
+    left out; the others are kept byte for byte, in order.
     """
-    line_end = raw.find(b"\r\n")
+    lines = raw.split(b"\r\n")  # the status line, the field lines, then b"" and b""
+    status_line = lines[0]
     # `HTTP/1.1 302` may come without the space before an empty reason; and a compiled
     # slice whose start is past its end fails rather than giving b"".
-    reason = raw[13:line_end] if line_end > 13 else b""
+    reason = status_line[13:] if len(status_line) > 13 else b""
     version_digits = raw[5:8]
     version = "1.1" if version_digits == b"1.1" else version_digits.decode("ascii")
-    parts = _SET_ASIDE_LINE.split(raw.lower())
-    last = len(raw) - 4  # the end of the last field line
-    if len(parts) == 1:
-        return ResponseHead(status, reason, version, raw[line_end:last], keep_alive)
     content_length: int | None = None
     chunked = False
     upgrade_to: bytes | None = None
     connection: list[bytes] = []
-    at = len(parts[0])
-    kept = [raw[line_end:at]]
-    for index in range(1, len(parts), 3):
-        name = parts[index]
-        value = parts[index + 1]
-        end = at + len(name) + len(value) + 3  # CRLF, name, colon, value
-        if name == b"content-length":
-            content_length = int(value)  # llhttp refuses duplicates and non-digits
-        elif name == b"transfer-encoding":
-            chunked = value.rstrip().endswith(b"chunked")
-        elif name == b"connection":
-            value = value.strip()
-            if value not in _PLAIN_CONNECTION:
-                connection.append(value)
-        elif name == b"upgrade":
-            upgrade_to = raw[end - len(value) : end].strip()
-        at = end + len(parts[index + 2])
-        kept.append(raw[end : min(at, last)])
-    fields = b"".join(kept)
+    kept: list[bytes] = []
+    for index in range(1, len(lines) - 2):
+        line = lines[index]
+        initial = (line[0] | _CASE_BIT) - _LOWER_A
+        if 0 <= initial < 26 and _SET_ASIDE_INITIALS >> initial & 1:
+            colon = 1
+            while line[colon] != _COLON:
+                colon += 1
+            name = _SET_ASIDE_BY_SHAPE.get(colon * 32 + initial)
+            if name is not None and line[:colon].lower() == name:
+                value = line[colon + 1 :]
+                if name == b"content-length":
+                    content_length = int(value)  # llhttp refuses duplicates and non-digits
+                elif name == b"transfer-encoding":
+                    chunked = value.rstrip().lower().endswith(b"chunked")
+                elif name == b"connection":
+                    value = value.strip().lower()
+                    if value not in _PLAIN_CONNECTION:
+                        connection.append(value)
+                elif name == b"upgrade":
+                    upgrade_to = value.strip()
+                continue
+        kept.append(line)
     if connection:
         listed = _connection_listed(connection)
         if listed:
-            fields = b"".join(
-                [
-                    b"\r\n" + line
-                    for line in fields.split(b"\r\n")[1:]
-                    if line.partition(b":")[0].lower() not in listed
-                ]
-            )
+            kept = [line for line in kept if line.partition(b":")[0].lower() not in listed]
+    if len(kept) == len(lines) - 3:
+        fields = raw[len(status_line) : len(raw) - 4]  # nothing left out
+    else:
+        fields = b"\r\n" + b"\r\n".join(kept) if kept else b""
     return ResponseHead(
         status,
         reason,
