@@ -140,3 +140,39 @@ def test_parsed_origins_are_reused_and_bounded() -> None:
     for _ in range(2):
         with pytest.raises(BadRequest):
             parse_absolute_target(b"http://user@inventory.internal/x")
+
+
+TRICKY_TARGETS = [
+    b"http://h/x",
+    b"HTTP://H/x",
+    b"http://h",
+    b"http://h?q=/x",
+    b"http://h#f/x",
+    b"http://h:80/x",
+    b"http:/h/x",
+    b"http//h/x",
+    b"h/x",
+    b"http://",
+]
+
+
+def parsed_or_refused(target: bytes) -> tuple[object, ...]:
+    try:
+        parsed = parse_absolute_target(target)
+    except BadRequest as error:
+        return ("refused", str(error))
+    return (parsed.scheme, parsed.host, parsed.port, parsed.path)
+
+
+@pytest.mark.parametrize("target", TRICKY_TARGETS)
+def test_a_cached_origin_never_changes_where_a_target_is_cut(target: bytes) -> None:
+    routing._PARSED_ORIGINS.clear()
+    cold = parsed_or_refused(target)
+    for warm_up in TRICKY_TARGETS:
+        parsed_or_refused(warm_up)
+    assert parsed_or_refused(target) == cold
+
+
+def test_a_query_before_any_slash_is_part_of_the_path_with_the_origin_cached() -> None:
+    parse_absolute_target(b"http://h/")
+    assert parsed_or_refused(b"http://h?q=/x") == ("http", "h", 80, b"/?q=/x")
