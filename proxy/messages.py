@@ -57,7 +57,6 @@ _COLON: Final = 58  # ord(":")
 
 # For a status line that came without a reason phrase.
 _STATUS_REASONS: Final = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
-_DIGIT_0: Final = 48  # ord("0")
 
 
 # The heads are plain classes rather than dataclasses: one is built per message, and a
@@ -205,9 +204,7 @@ def read_response_head(raw: bytes, status: int, keep_alive: bool) -> ResponseHea
     """
     lines = raw.split(b"\r\n")  # the status line, the field lines, then b"" and b""
     status_line = lines[0]
-    # `HTTP/1.1 302` may come without the space before an empty reason; and a compiled
-    # slice whose start is past its end fails rather than giving b"".
-    reason = status_line[13:] if len(status_line) > 13 else b""
+    reason = status_line[13:]  # empty for `HTTP/1.1 302`, without a space after the code
     version_digits = raw[5:8]
     version = "1.1" if version_digits == b"1.1" else version_digits.decode("ascii")
     content_length: int | None = None
