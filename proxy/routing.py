@@ -177,43 +177,52 @@ def path_matches(prefix: str | None, path: bytes) -> bool:
     return raw == encoded or raw.startswith(encoded + b"/")
 
 
+class _Candidates:
+    """The upstreams configured for one host and port (None: the scheme's default)."""
+
+    __slots__ = ("by_path", "upstreams")
+
+    def __init__(self) -> None:
+        self.upstreams: list[UpstreamConfig] = []
+        self.by_path = False  # some of them are routed by path_prefix
+
+
 class Router:
     """Maps (scheme, host, port, path) to the upstream that matches it, if any."""
 
     def __init__(self, upstreams: tuple[UpstreamConfig, ...]) -> None:
         self.upstreams = upstreams
-        # Exact (host, port) -> candidates; port None stands for the scheme default.
-        self._table: dict[tuple[str, int | None], list[UpstreamConfig]] = {}
+        # Host -> port -> candidates, looked up without building a key per request.
+        self._table: dict[str, dict[int | None, _Candidates]] = {}
         for upstream in upstreams:
             for entry in upstream.match.hosts:
-                self._table.setdefault((entry.host, entry.port), []).append(upstream)
-        # The candidate lists in which some upstream is routed by path_prefix.
-        self._by_path = {
-            key
-            for key, candidates in self._table.items()
-            if any(upstream.match.path_prefix for upstream in candidates)
-        }
+                ports = self._table.setdefault(entry.host, {})
+                candidates = ports.setdefault(entry.port, _Candidates())
+                candidates.upstreams.append(upstream)
+                candidates.by_path = candidates.by_path or bool(upstream.match.path_prefix)
 
     def match(self, scheme: str, host: str, port: int, path: bytes) -> UpstreamConfig | None:
-        key: tuple[str, int | None] = (host, port)
-        candidates = self._table.get(key)
-        if candidates is None and port == DEFAULT_PORTS.get(scheme):
-            key = (host, None)
-            candidates = self._table.get(key)
-        if not candidates:
+        ports = self._table.get(host)
+        if ports is None:
             return None
-        if key in self._by_path and has_dot_segment(path):
+        candidates = ports.get(port)
+        if candidates is None and port == DEFAULT_PORTS.get(scheme):
+            candidates = ports.get(None)
+        if candidates is None:
+            return None
+        if candidates.by_path and has_dot_segment(path):
             # `/a/../b` matches prefix /a, but the origin resolves it to /b (RFC 3986
             # §5.2.4): the token of /a's upstream would reach the path of another.
             raise BadRequest("dot-segments in the path of a host routed by path_prefix")
-        for upstream in candidates:
+        for upstream in candidates.upstreams:
             if path_matches(upstream.match.path_prefix, path):
                 return upstream
         return None
 
     def claimants(self, scheme: str, host: str, port: int) -> list[UpstreamConfig]:
         """The upstreams that match this host and port on some path (for CONNECT)."""
-        found = list(self._table.get((host, port), ()))
-        if port == DEFAULT_PORTS.get(scheme):
-            found.extend(self._table.get((host, None), ()))
+        ports = self._table.get(host, {})
+        found = list(ports[port].upstreams) if port in ports else []
+        if port == DEFAULT_PORTS.get(scheme) and None in ports:
+            found.extend(ports[None].upstreams)
         return found
