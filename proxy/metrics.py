@@ -29,7 +29,7 @@ UNMATCHED: Final = "unmatched"
 # exist to show a struggling one before the client timeout (default 10 s) fires.
 TOKEN_FETCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Proxied requests: from a loopback hop (~1 ms) to a slow upstream.
-REQUEST_BUCKETS: Final = (
+REQUEST_BUCKETS: Final[tuple[float, ...]] = (
     0.001,
     0.0025,
     0.005,
@@ -45,6 +45,7 @@ REQUEST_BUCKETS: Final = (
     10.0,
     30.0,
 )
+_BOUNDS: Final = len(REQUEST_BUCKETS)
 
 
 class Metrics:
@@ -198,9 +199,7 @@ class RequestStats(Collector):
         stats.by_status[status] = stats.by_status.get(status, 0) + 1
         # The first bucket whose bound is not below `seconds`; most requests take the first.
         bucket = 0
-        for bound in REQUEST_BUCKETS:
-            if seconds <= bound:
-                break
+        while bucket < _BOUNDS and seconds > REQUEST_BUCKETS[bucket]:
             bucket += 1
         stats.buckets[bucket] += 1
         stats.seconds += seconds

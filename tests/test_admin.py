@@ -16,14 +16,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
-from prometheus_client import CollectorRegistry, Metric
+from prometheus_client import CollectorRegistry, Histogram, Metric, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import proxy
 from proxy.admin import UpstreamHealth, create_admin_app, make_admin_runner
 from proxy.config import Secret, TokenConfig
 from proxy.errors import TOKEN_FETCH_FAILURE_REASONS
-from proxy.metrics import UNMATCHED, Metrics
+from proxy.metrics import REQUEST_BUCKETS, UNMATCHED, Metrics
 from proxy.tokens import TokenProvider
 from tests.support import tools
 from tests.support.token_server import TokenServer
@@ -482,3 +482,36 @@ async def test_admin_requests_are_not_access_logged(
     for path in ("/healthz", "/readyz", "/metrics", "/status", "/missing"):
         await admin.get(path)
     assert aiohttp_access_records == []
+
+
+def test_request_durations_fall_in_the_buckets_prometheus_client_would_use() -> None:
+    # RequestStats keeps its own bucket counts on the hot path; prometheus-client's
+    # Histogram with the same bounds is the reference for where each duration belongs
+    # (`le` is inclusive, beyond the last bound is +Inf).
+    durations = [0.0, 0.001, 0.0011, 0.0025, 0.7, 29.999, 30.0, 30.001, 1e9]
+    ours = Metrics()
+    reference_registry = CollectorRegistry()
+    reference = Histogram(
+        "token_proxy_request_duration_seconds",
+        "",
+        ["upstream"],
+        buckets=REQUEST_BUCKETS,
+        registry=reference_registry,
+    )
+    for seconds in durations:
+        ours.observe_request("inventory", 200, seconds)
+        reference.labels(upstream="inventory").observe(seconds)
+
+    def buckets(registry: CollectorRegistry) -> dict[str, float]:
+        text = generate_latest(registry).decode()
+        return {
+            sample.labels["le"]: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "token_proxy_request_duration_seconds_bucket"
+            and sample.labels.get("upstream") == "inventory"
+        }
+
+    expected = buckets(reference_registry)
+    assert len(expected) == len(REQUEST_BUCKETS) + 1
+    assert buckets(ours.registry) == expected
