@@ -451,8 +451,8 @@ class ClientConnection(FlowControlledProtocol):
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
-    def send_error(self, error: ProxyError, *, keep_alive: bool) -> None:
-        self.write(error_response(error, keep_alive=keep_alive))
+    def send_error(self, error: ProxyError, *, keep_alive: bool, head_only: bool = False) -> None:
+        self.write(error_response(error, keep_alive=keep_alive, head_only=head_only))
 
     def take_over(self, sink: RawSink) -> bytes:
         """Stop parsing; future bytes go to `sink`. Returns bytes already received past the head."""

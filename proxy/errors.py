@@ -142,8 +142,13 @@ def error_body(error: ProxyError) -> bytes:
     ).encode()
 
 
-def error_response(error: ProxyError, *, keep_alive: bool) -> bytes:
-    """A complete HTTP/1.1 response for `error`, ready to write to the client."""
+def error_response(error: ProxyError, *, keep_alive: bool, head_only: bool = False) -> bytes:
+    """A complete HTTP/1.1 response for `error`, ready to write to the client.
+
+    With `head_only` (the answer to a HEAD request) the body is left out and its length
+    still given: content after a HEAD response would be read as the next response
+    (RFC 9110 §9.3.2, RFC 9112 §6.3).
+    """
     body = error_body(error)
     lines = [
         f"HTTP/1.1 {error.status} {_REASONS.get(error.status, 'Error')}",
@@ -153,7 +158,8 @@ def error_response(error: ProxyError, *, keep_alive: bool) -> bytes:
         *(f"{name}: {value}" for name, value in error.extra_headers()),
         "Connection: keep-alive" if keep_alive else "Connection: close",
     ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body
 
 
 class TokenFetchError(Exception):

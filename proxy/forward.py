@@ -513,7 +513,7 @@ class Forwarder:
         keep_alive = keep_alive and not conn.listener.draining and error.status not in (400, 413)
         if error.upstream is None and label != UNMATCHED:
             error.upstream = label
-        conn.send_error(error, keep_alive=keep_alive)
+        conn.send_error(error, keep_alive=keep_alive, head_only=head.method == "HEAD")
         self.record(conn, head, label, error.status, started, None)
         if error.status >= 500:
             log.warning(

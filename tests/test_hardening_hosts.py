@@ -332,6 +332,28 @@ async def test_pipelined_requests_for_different_hosts_keep_their_own_routing(
     assert credentials(other) == [[], []]
 
 
+async def test_a_refused_head_request_gets_no_body_and_the_next_answer_stays_framed(
+    named: ProxyApp, upstream: Upstream
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", named.port)
+    try:
+        writer.write(
+            request("http://evil.example/x", method="HEAD", host="evil.example")
+            + request("http://evil.example/y", headers=[("Connection", "close")])
+        )
+        received = await asyncio.wait_for(reader.read(-1), timeout=10)  # until the close
+    finally:
+        writer.close()
+    first, _, rest = received.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 403 ")
+    assert b"\r\nContent-Length: " in first  # the size a GET would have had
+    # Right after the HEAD answer's head comes the next answer, not a body.
+    second_head, _, second_body = rest.partition(b"\r\n\r\n")
+    assert second_head.startswith(b"HTTP/1.1 403 ")
+    assert json.loads(second_body)["error"] == "host_not_allowed"
+    assert upstream.received == []
+
+
 # -- what the proxy does not do: follow redirects, echo credentials --------------------
 
 
