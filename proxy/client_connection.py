@@ -150,6 +150,7 @@ class ClientConnection(FlowControlledProtocol):
         self._worker: asyncio.Task[None] | None = None
         # Parsing state of the request being read.
         self._url = b""
+        self._method = ""  # once the head is read, for an error answer to a HEAD request
         self._fields = HeadFields()
         self._in_trailers = False
         self._unfinished_head = 0
@@ -251,6 +252,7 @@ class ClientConnection(FlowControlledProtocol):
 
     def on_message_begin(self) -> None:
         self._url = b""
+        self._method = ""
         self._fields = HeadFields()
         self._in_trailers = False
         self._unfinished_head = 0
@@ -279,7 +281,7 @@ class ClientConnection(FlowControlledProtocol):
     def on_headers_complete(self) -> None:
         self.header_deadline = 0.0
         parser = self._parser
-        method = parser.get_method().decode("ascii")
+        method = self._method = parser.get_method().decode("ascii")
         version = parser.get_http_version()
         if version not in ("1.0", "1.1"):
             # llhttp takes `GET /x` (HTTP/0.9) and any one-digit major version; this
@@ -427,7 +429,8 @@ class ClientConnection(FlowControlledProtocol):
                     continue
                 item = self._queue.popleft()
                 if isinstance(item, ProxyError):
-                    self.send_error(item, keep_alive=False)
+                    # Parsing stopped at this request: `_method` is still its method.
+                    self.send_error(item, keep_alive=False, head_only=self._method == "HEAD")
                     # RFC 9112 §9.6: a server that sends `close` closes after the response.
                     self.close()
                     return

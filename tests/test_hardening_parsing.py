@@ -213,6 +213,21 @@ async def test_framing_the_proxy_cannot_forward_faithfully_is_refused(
     assert evil.heads == []
 
 
+async def test_a_refused_head_request_is_answered_with_a_head_only(
+    evil_proxy: EvilProxy,
+) -> None:
+    app, evil = await evil_proxy(stall())
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    try:
+        writer.write(head(method=b"HEAD", version=b"HTTP/2.0"))
+        received = await asyncio.wait_for(reader.read(-1), timeout=AT_ONCE)  # until the close
+    finally:
+        writer.close()
+    assert received.startswith(b"HTTP/1.1 505 ")
+    assert received.endswith(b"\r\n\r\n")  # no content after a response to HEAD
+    assert evil.heads == []
+
+
 # -- bad bodies: the head already went upstream --------------------------------------------
 
 BAD_CHUNKED_BODIES = {
