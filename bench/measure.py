@@ -135,6 +135,8 @@ def transfer(
         command += ["-o", "/dev/null", "-w", "%{http_code} %{size_download} %{speed_download}"]
         command.append(target.download_url)
     else:
+        if target.upload_url is None:
+            raise ValueError(f"{target.name} takes no uploads")
         # No `Expect: 100-continue` pause: the body starts at once for every target alike.
         command += ["-H", "Expect:", "-T", str(big_file), "-o", "/dev/null"]
         command += ["-w", "%{http_code} %{size_upload} %{speed_upload}", target.upload_url]

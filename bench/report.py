@@ -17,6 +17,8 @@ from typing import TypeVar
 from bench.measure import LoadSample, TransferSample
 
 BASELINE = "nginx"
+# bench/bare_proxy.py: a Python proxy without features, the floor of such a data path.
+REFERENCE = "bare"
 MB = 1e6
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -109,6 +111,18 @@ def load_rows(loads: dict[str, list[LoadSample]], load_core: int | None) -> list
     return rows
 
 
+def cpu_vs_reference(loads: dict[str, list[LoadSample]]) -> dict[str, float]:
+    """Per token-proxy target: CPU per request relative to the bare reference's (paired)."""
+    reference = loads.get(REFERENCE)
+    if not reference:
+        return {}
+    return {
+        name: paired_ratio(samples, reference, _cpu)
+        for name, samples in loads.items()
+        if name not in (BASELINE, REFERENCE)
+    }
+
+
 def _cpu(sample: LoadSample) -> float:
     return math.nan if sample.cpu_us_per_request is None else sample.cpu_us_per_request
 
@@ -153,6 +167,13 @@ def format_report(results: Results, load_core: int | None) -> str:
         "  (proxy CPU: share of one core the proxy process used; load core: how busy the "
         "core of wrk and the origin was)"
     )
+    against_bare = cpu_vs_reference(results.loads)
+    if against_bare:
+        ratios = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in against_bare.items())
+        lines.append(
+            f"  CPU per request vs {REFERENCE} (a Python proxy without features, "
+            f"bench/bare_proxy.py): {ratios}"
+        )
     lines += ["", *_latency_lines(results), "", *_memory_lines(results)]
     lines += ["", *_transfer_lines(results), "", *_token_lines(results)]
     return "\n".join(lines)
@@ -300,6 +321,7 @@ def to_json(results: Results, load_core: int | None) -> dict[str, object]:
         "settings": results.settings,
         "summary": {
             "loads": [row.__dict__ for row in load_rows(results.loads, load_core)],
+            "cpu_vs_reference": cpu_vs_reference(results.loads),
             "latency_1_connection": added_latency(results),
             "transfers": transfer_summary(results),
             "rss_idle": results.rss_idle,

@@ -1,8 +1,9 @@
 """The servers of one benchmark run, started as real processes on 127.0.0.1.
 
 `Stack` starts, in this order: the upload sink, the origin (nginx), the token
-endpoint, the nginx baseline and token-proxy (`python -m proxy run --config <yaml>`),
-each pinned to its core, and describes the `Target`s a load can be aimed at.
+endpoint, the nginx baseline, the bare reference proxy (`bench/bare_proxy.py`) and
+token-proxy (`python -m proxy run --config <yaml>`), each pinned to its core, and
+describes the `Target`s a load can be aimed at.
 
 token-proxy gets three upstreams, each using its own name as client id so the token
 endpoint can count fetches per upstream:
@@ -71,9 +72,9 @@ class Target:
     name: str
     port: int
     request: Request
-    # curl's view: the URL for downloads/uploads and the proxy (-x) if any.
+    # curl's view: the URL for downloads/uploads (None: takes none) and the proxy (-x) if any.
     download_url: str
-    upload_url: str
+    upload_url: str | None
     curl_proxy: str | None
     pids: list[int] = field(default_factory=list)
     extra_curl_headers: tuple[str, ...] = ()
@@ -101,11 +102,13 @@ class Stack:
         self.sink_port = free_port()
         self.token_port = free_port()
         self.baseline_port = free_port()
+        self.bare_port = free_port()
         self.proxy_port = free_port()
         self.proxy_admin_port = free_port()
         self.reverse_port = free_port()
         self.upload_port = free_port()
         self.baseline: subprocess.Popen[bytes] | None = None
+        self.bare_proxy: subprocess.Popen[bytes] | None = None
         self.proxy: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -140,6 +143,13 @@ class Stack:
             self.cores.under_test,
         )
         self.group.wait_for_port("baseline", self.baseline, self.baseline_port)
+        self.bare_proxy = self.group.start(
+            "bare-proxy",
+            [python, "-m", "bench.bare_proxy", str(self.bare_port), str(self.origin_port)],
+            cpus=self.cores.under_test,
+            cwd=REPO_ROOT,
+        )
+        self.group.wait_for_port("bare-proxy", self.bare_proxy, self.bare_port)
         config_file = self.workdir / "token-proxy.yaml"
         config_file.write_text(yaml.safe_dump(self.proxy_config()))
         self.proxy = self.group.start(
@@ -213,6 +223,19 @@ class Stack:
             upload_url=f"http://127.0.0.1:{self.baseline_port}/upload",
             curl_proxy=None,
             pids=descendants(self.baseline.pid),
+        )
+
+    def bare(self) -> Target:
+        """The bare reference proxy (`bench/bare_proxy.py`): GETs only, no uploads."""
+        assert self.bare_proxy is not None
+        return Target(
+            name="bare",
+            port=self.bare_port,
+            request=Request("/", "127.0.0.1"),
+            download_url=f"http://127.0.0.1:{self.bare_port}/big",
+            upload_url=None,
+            curl_proxy=None,
+            pids=[self.bare_proxy.pid],
         )
 
     def tp_reverse(self) -> Target:

@@ -7,6 +7,7 @@ target alike):
 1. RSS of nginx and token-proxy idle, right after start;
 2. throughput, latency and CPU per request at `--connections` (default 32);
 3. latency at one connection, against a direct call to the origin;
+   (2 and 3 also measure the bare reference proxy, `bench/bare_proxy.py`)
 4. with `--plot`: throughput and latency at 1, 8, 32 and 128 connections;
 5. RSS idle after the loads, then while 1,000 served keep-alive client connections
    sit idle;
@@ -172,6 +173,8 @@ class Run:
         self.cores = stack.cores
         self.load_targets = [stack.nginx(), stack.tp_reverse(), stack.tp_forward()]
         self.direct = stack.direct()
+        # The bare reference runs in the throughput and latency rounds only.
+        self.reference_targets = [self.load_targets[0], stack.bare(), *self.load_targets[1:]]
 
     def load(self, target: Target, connections: int, duration: float) -> LoadSample:
         return measure.load(
@@ -185,7 +188,7 @@ class Run:
     def measure_all(self, results: Results) -> None:
         results.rss_idle = self.rss()
         _progress("warming up")
-        for target in [self.direct, *self.load_targets]:
+        for target in [self.direct, *self.reference_targets]:
             self.load(target, self.args.connections, 1)
         self.throughput(results)
         self.latency(results)
@@ -204,7 +207,7 @@ class Run:
     def throughput(self, results: Results) -> None:
         rounds = self.args.rounds
         for round_number in range(1, rounds + 1):
-            for target in self.load_targets:
+            for target in self.reference_targets:
                 sample = self.load(target, self.args.connections, self.args.duration)
                 results.loads.setdefault(target.name, []).append(sample)
                 _progress(
@@ -220,7 +223,7 @@ class Run:
     def latency(self, results: Results) -> None:
         rounds = self.args.rounds
         for round_number in range(1, rounds + 1):
-            for target in [self.direct, *self.load_targets]:
+            for target in [self.direct, *self.reference_targets]:
                 sample = self.load(target, 1, self.short_duration)
                 results.latency.setdefault(target.name, []).append(sample)
             _progress(f"1-connection latency round {round_number}/{rounds} done")
