@@ -154,6 +154,11 @@ class ClientConnection(FlowControlledProtocol):
         self._fields = HeadFields()
         self._in_trailers = False
         self._unfinished_head = 0
+        # The chunk being parsed, while it starts where a message does; then, for the
+        # message that began there, that chunk (see _http_version).
+        self._chunk_at_message_start: bytes | None = None
+        self._message_start_chunk: bytes | None = None
+        self._between_messages = True
         self._body: RequestBody | None = None
         self._parsing_error: ProxyError | None = None
         self._raw_sink: RawSink | None = None
@@ -186,6 +191,7 @@ class ClientConnection(FlowControlledProtocol):
             self._taken_over_tail += data
             return
         in_head = self.header_deadline != 0.0
+        self._chunk_at_message_start = data if self._between_messages else None
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -251,6 +257,9 @@ class ClientConnection(FlowControlledProtocol):
     # -- httptools callbacks ------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._message_start_chunk = self._chunk_at_message_start
+        self._chunk_at_message_start = None
+        self._between_messages = False
         self._url = b""
         self._method = ""
         self._fields = HeadFields()
@@ -282,7 +291,7 @@ class ClientConnection(FlowControlledProtocol):
         self.header_deadline = 0.0
         parser = self._parser
         method = self._method = parser.get_method().decode("ascii")
-        version = parser.get_http_version()
+        version = self._http_version()
         if version not in ("1.0", "1.1"):
             # llhttp takes `GET /x` (HTTP/0.9) and any one-digit major version; this
             # proxy speaks HTTP/1.x and re-sends as HTTP/1.1 (RFC 9110 §15.6.6: 505).
@@ -368,9 +377,32 @@ class ClientConnection(FlowControlledProtocol):
         body.feed(data)
 
     def on_message_complete(self) -> None:
+        self._between_messages = True
         if self._body is not None:
             self._body.finish()
             self._body = None
+
+    def _http_version(self) -> str:
+        """The request's HTTP version, from its request line when the chunk that began
+        the message is at hand (httptools' `get_http_version()` formats a new string
+        with `str.format`, several times the cost).
+
+        That chunk begins with the request line (after any empty lines llhttp skipped),
+        which llhttp checked to be the method, one space, the target as on_url reported
+        it, one space, `HTTP/d.d` and CRLF. So if the ten bytes where the version would
+        be without empty lines are `HTTP/1.1` and CRLF, they end the request line and
+        are its version; otherwise (empty lines, a line split across chunks) ask llhttp.
+        """
+        chunk = self._message_start_chunk
+        self._message_start_chunk = None
+        if chunk is not None:
+            start = len(self._method) + len(self._url) + 2
+            protocol = chunk[start : start + 10]
+            if protocol == b"HTTP/1.1\r\n":
+                return "1.1"
+            if protocol == b"HTTP/1.0\r\n":
+                return "1.0"
+        return self._parser.get_http_version()
 
     # -- request queue --------------------------------------------------------
 

@@ -344,6 +344,44 @@ async def test_a_bad_request_in_a_pipeline_stops_the_pipeline(
     assert len(upstream.received) == 1
 
 
+# Requests of either HTTP version, each with the answer that only its version gets: an
+# HTTP/1.0 client asking for keep-alive is told so, an HTTP/1.1 one must send Host.
+VERSIONED = [
+    (
+        b"\r\nGET http://inventory.internal/a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        200,
+        "keep-alive",
+    ),
+    (b"GET http://inventory.internal/b HTTP/1.1\r\nHost: inventory.internal\r\n\r\n", 200, None),
+    (
+        b"GET http://inventory.internal/c HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        200,
+        "keep-alive",
+    ),
+    (b"GET http://inventory.internal/HTTP/1.0 HTTP/1.1\r\n\r\n", 400, "close"),
+]
+
+
+@pytest.mark.parametrize("delivery", ["one-by-one", "pipelined", "byte-by-byte"])
+async def test_each_request_is_read_at_its_own_http_version(
+    named: ProxyApp, upstream: Upstream, delivery: str
+) -> None:
+    async with await RawClient.connect(named.port) as client:
+        if delivery == "pipelined":
+            client.send(b"".join(raw for raw, _, _ in VERSIONED))
+        answers = []
+        for raw, _, _ in VERSIONED:
+            if delivery == "one-by-one":
+                client.send(raw)
+            elif delivery == "byte-by-byte":
+                for index in range(len(raw)):
+                    await client.send_drained(raw[index : index + 1])
+            response = await client.final_response()
+            answers.append((response.status, response.header("Connection")))
+    assert answers == [(status, connection) for _, status, connection in VERSIONED]
+    assert [seen.path for seen in upstream.received] == ["/a", "/b", "/c"]
+
+
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 async def test_a_request_inside_a_body_stays_a_body(
     named: ProxyApp, upstream: Upstream, framing: str
