@@ -41,19 +41,32 @@ HOP_BY_HOP: Final = frozenset(
 # Written by the proxy itself from what it knows about the message it sends.
 FRAMING: Final = frozenset({b"content-length", b"host"})
 _SET_ASIDE: Final = HOP_BY_HOP | FRAMING
-# Bit n is set if some set-aside name is n bytes long: names of other lengths are kept
-# without being lower-cased.
-_SET_ASIDE_LENGTHS: Final = sum(1 << length for length in {len(name) for name in _SET_ASIDE})
 # Connection values that name no other field, as nearly every message has them.
 _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
 # Set-aside names told apart by their shape: initial letter (0 for a/A, ..., 25 for
-# z/Z) and length. A response's field line is only looked at closer if its initial is
-# one of theirs, and its name compared only with the one name of its shape.
+# z/Z) and length. A field name is only lower-cased and compared if a set-aside name
+# has its shape, and then only with that one name; a response's field line is not even
+# scanned for its colon unless its initial is one of theirs.
 _SET_ASIDE_INITIALS: Final = sum({1 << (name[0] - 97) for name in _SET_ASIDE})
-_SET_ASIDE_BY_SHAPE: Final = {len(name) * 32 + name[0] - 97: name for name in _SET_ASIDE}
+_LONGEST_SET_ASIDE: Final = max(len(name) for name in _SET_ASIDE)
+
+
+def _names_by_shape() -> list[bytes | None]:
+    table: list[bytes | None] = [None] * ((_LONGEST_SET_ASIDE + 1) * 32)
+    for name in _SET_ASIDE:
+        table[len(name) * 32 + name[0] - 97] = name
+    return table
+
+
+# Indexed by length * 32 + initial (a list: a dict lookup would box the key first).
+_SET_ASIDE_BY_SHAPE: Final = _names_by_shape()
 _CASE_BIT: Final = 0x20  # set in an ASCII letter's lower-case form
 _LOWER_A: Final = 97  # ord("a")
 _COLON: Final = 58  # ord(":")
+_SPACE: Final = 32
+_TAB: Final = 9
+_ZERO: Final = 48  # ord("0")
+_MAX_DIGITS: Final = 18  # any such number fits a native (63-bit) int
 
 # For a status line that came without a reason phrase.
 _STATUS_REASONS: Final = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
@@ -151,7 +164,7 @@ class HeadFields:
 
     Hop-by-hop and framing fields (RFC 9110 §7.6.1, Host, Content-Length) are set aside
     with lower-cased names for the proxy to read; all others are kept in order, and only
-    those whose length matches a set-aside name are lower-cased to tell.
+    those of the same initial and length as a set-aside name are lower-cased to tell.
     """
 
     __slots__ = ("aside", "kept", "size")
@@ -162,12 +175,15 @@ class HeadFields:
         self.size = 0
 
     def add(self, name: bytes, value: bytes) -> None:
-        self.size += len(name) + len(value) + 4
-        if _SET_ASIDE_LENGTHS >> len(name) & 1:
-            lowered = name.lower()
-            if lowered in _SET_ASIDE:
-                self.aside.append((lowered, value))
-                return
+        length = len(name)
+        self.size += length + len(value) + 4
+        if 0 < length <= _LONGEST_SET_ASIDE:
+            initial = (name[0] | _CASE_BIT) - _LOWER_A
+            if 0 <= initial < 26:
+                set_aside = _SET_ASIDE_BY_SHAPE[length * 32 + initial]
+                if set_aside is not None and name.lower() == set_aside:
+                    self.aside.append((set_aside, value))
+                    return
         self.kept.append((name, value))
 
     def __len__(self) -> int:
@@ -219,17 +235,21 @@ def read_response_head(raw: bytes, status: int, keep_alive: bool) -> ResponseHea
             colon = 1
             while line[colon] != _COLON:
                 colon += 1
-            name = _SET_ASIDE_BY_SHAPE.get(colon * 32 + initial)
+            name = (
+                _SET_ASIDE_BY_SHAPE[colon * 32 + initial] if colon <= _LONGEST_SET_ASIDE else None
+            )
             if name is not None and line[:colon].lower() == name:
                 value = line[colon + 1 :]
                 if name == b"content-length":
-                    content_length = int(value)  # llhttp refuses duplicates and non-digits
+                    content_length = _decimal(value)  # llhttp refuses duplicates and non-digits
                 elif name == b"transfer-encoding":
                     chunked = value.rstrip().lower().endswith(b"chunked")
                 elif name == b"connection":
-                    value = value.strip().lower()
-                    if value not in _PLAIN_CONNECTION:
-                        connection.append(value)
+                    # As nearly every response spells it: nothing to read from it.
+                    if value != b" keep-alive" and value != b" close":
+                        value = value.strip().lower()
+                        if value not in _PLAIN_CONNECTION:
+                            connection.append(value)
                 elif name == b"upgrade":
                     upgrade_to = value.strip()
                 continue
@@ -252,6 +272,27 @@ def read_response_head(raw: bytes, status: int, keep_alive: bool) -> ResponseHea
         chunked=chunked,
         upgrade_to=upgrade_to,
     )
+
+
+def _decimal(value: bytes) -> int:
+    """`int(value)` for a field value llhttp accepted as a Content-Length: digits between
+    optional blanks. Read byte by byte: `int()` of bytes costs several times more.
+    Anything else (never seen after llhttp) is left to `int()`, errors included."""
+    start = 0
+    end = len(value)
+    while start < end and (value[start] == _SPACE or value[start] == _TAB):
+        start += 1
+    while end > start and (value[end - 1] == _SPACE or value[end - 1] == _TAB):
+        end -= 1
+    if start == end or end - start > _MAX_DIGITS:
+        return int(value)
+    number = 0
+    for index in range(start, end):
+        digit = value[index] - _ZERO
+        if not 0 <= digit <= 9:
+            return int(value)
+        number = number * 10 + digit
+    return number
 
 
 def forward_headers(

@@ -1,4 +1,4 @@
-"""Cutting response heads apart: `read_response_head` against a line-by-line reference.
+"""Cutting heads apart: `read_response_head` and `HeadFields` against plain references.
 
 `read_response_head` takes shortcuts that are only sound because llhttp has already
 accepted the head (one field per line, no space before a colon, CRLF line ends). So
@@ -6,7 +6,8 @@ hypothesis builds heads from field names the proxy sets aside (in any letter cas
 names a Connection field may list, and others; llhttp's own response parser filters
 them; and for every head it accepts the result must equal what a plain reading of
 RFC 9110 §7.6.1 gives: every field line as received, in order, minus the hop-by-hop and
-framing fields and the fields a Connection field names.
+framing fields and the fields a Connection field names. Request fields, which arrive one
+by one, must be sorted by `HeadFields` exactly as comparing lower-cased names would.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import httptools
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from proxy.messages import FRAMING, HOP_BY_HOP, read_response_head
+from proxy.messages import FRAMING, HOP_BY_HOP, HeadFields, read_response_head
 
 SET_ASIDE = HOP_BY_HOP | FRAMING
 OTHER_NAMES = [b"Server", b"Date", b"Content-Type", b"ETag", b"X-Trace", b"Keep", b"Hosts", b"T"]
@@ -45,6 +46,13 @@ field_names = st.one_of(
 )
 values = st.one_of(
     st.sampled_from([b"keep-alive", b"close", b"upgrade", b"chunked", b"gzip, chunked", b"42"]),
+    st.sampled_from([b"Keep-Alive", b"CLOSE", b"keep-alive ", b"close\t", b"keep-alive, x-trace"]),
+    # Content-Length values, with blanks around them as llhttp allows.
+    st.tuples(
+        st.sampled_from([b"", b" ", b"\t "]),
+        st.integers(0, 10**20).map(lambda n: str(n).encode()),
+        st.sampled_from([b"", b" ", b" \t"]),
+    ).map(b"".join),
     st.sampled_from([b"x-trace", b"X-Trace, Keep", b"close, server", b"date , etag"]),
     st.binary(max_size=12).map(lambda v: bytes(b for b in v if 0x20 <= b < 0x7F)),
 )
@@ -103,6 +111,10 @@ def reference_fields(raw: bytes) -> bytes:
 @given(status_line=status_lines, head_fields=fields)
 @example(status_line=b"HTTP/1.1 200 OK", head_fields=[(b"Connection", b"X-Trace", b" ")])
 @example(status_line=b"HTTP/1.1 200 OK", head_fields=[(b"Content-Length", b"42", b"")])
+@example(
+    status_line=b"HTTP/1.1 200 OK",
+    head_fields=[(b"Connection", b"keep-alive, x-trace", b" "), (b"X-Trace", b"1", b" ")],
+)
 def test_response_heads_are_cut_as_a_line_by_line_reading_would(
     status_line: bytes, head_fields: list[tuple[bytes, bytes, bytes]]
 ) -> None:
@@ -125,3 +137,16 @@ def test_response_heads_are_cut_as_a_line_by_line_reading_would(
         assert head.content_length == int(lowered[b"content-length"])
     else:
         assert head.content_length is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(request_fields=st.lists(st.tuples(field_names, values), max_size=8))
+def test_request_fields_are_sorted_as_comparing_lowered_names_would(
+    request_fields: list[tuple[bytes, bytes]],
+) -> None:
+    fields = HeadFields()
+    for name, value in request_fields:
+        fields.add(name, value)
+    assert fields.aside == [(n.lower(), v) for n, v in request_fields if n.lower() in SET_ASIDE]
+    assert fields.kept == [(n, v) for n, v in request_fields if n.lower() not in SET_ASIDE]
+    assert len(fields) == len(request_fields)
