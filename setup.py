@@ -25,6 +25,7 @@ COMPILED_MODULES = [
     "proxy/fast_path.py",
     "proxy/flow_control.py",
     "proxy/forward.py",
+    "proxy/held_token.py",
     "proxy/listener.py",
     "proxy/messages.py",
     "proxy/metrics.py",

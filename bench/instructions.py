@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import os
 import re
 import subprocess
 import sys
+import time
 from typing import Any
 
 import uvloop
@@ -41,6 +43,7 @@ from proxy.config import (
     UpstreamConfig,
 )
 from proxy.forward import Forwarder
+from proxy.held_token import HeldToken
 from proxy.listener import Listener
 from proxy.metrics import Metrics
 from proxy.runtime import Runtime, RuntimeHolder
@@ -90,6 +93,11 @@ class MemoryTransport:
 
 class FixedToken:
     """A token provider that always holds a valid token."""
+
+    def __init__(self) -> None:
+        self.held = HeldToken(time.monotonic)
+        self.held.token = TOKEN
+        self.held.usable_until = math.inf
 
     def current(self) -> str:
         return TOKEN

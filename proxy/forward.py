@@ -122,7 +122,7 @@ class Forwarder:
         token: str | None = None
         route = plan.route
         if route is not None:
-            token = route.provider.current()
+            token = route.held_token.current()
             if token is None:
                 return False
         upconn = self.pool.take_idle(plan.origin)
@@ -193,10 +193,9 @@ class Forwarder:
         try:
             if route is not None and head.method != "TRACE":
                 # RFC 9110 §9.3.8: TRACE echoes the request, so it never carries a credential.
-                provider = route.provider
-                token = provider.current()
+                token = route.held_token.current()
                 if token is None:
-                    token = await provider.get()
+                    token = await route.provider.get()
         except TokenUnavailable as error:
             self._metrics.token_unavailable.labels(upstream=plan.label).inc()
             return self.refuse(conn, head, body, error, plan.label, started=started)

@@ -2,9 +2,9 @@
 
 A `Runtime` is everything derived from a `ProxyConfig` that the request path needs,
 computed at start-up (or reload) so the hot path only looks things up: the router,
-and per upstream a `Route` with its token provider, header name, target origin and
-Host value. `RuntimeHolder.current` is swapped in one assignment on reload, so a
-request sees either the old or the new configuration, never a mix.
+and per upstream a `Route` with its token provider and the token it holds, header name,
+target origin and Host value. `RuntimeHolder.current` is swapped in one assignment on
+reload, so a request sees either the old or the new configuration, never a mix.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from proxy.config import ProxyConfig, UpstreamConfig
+from proxy.held_token import HeldToken
 from proxy.routing import Router
 from proxy.tls_context import client_ssl_context
 from proxy.tokens import TokenProvider
@@ -25,6 +26,7 @@ class Route:
     name: str  # config.name, read for every request (a native attribute when compiled)
     config: UpstreamConfig
     provider: TokenProvider
+    held_token: HeldToken  # provider.held: what the request path asks for a token
     header_name: bytes
     # Set when the upstream has a `url`: every matched request goes there.
     origin: Origin | None
@@ -43,6 +45,7 @@ def build_route(upstream: UpstreamConfig, provider: TokenProvider) -> Route:
         name=upstream.name,
         config=upstream,
         provider=provider,
+        held_token=provider.held,
         header_name=upstream.header.encode("ascii"),
         origin=origin,
         host_header=host_header,

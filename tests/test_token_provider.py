@@ -633,6 +633,18 @@ async def test_close_stops_an_inflight_fetch_and_its_waiters_cleanly(
     assert not [r for r in caplog.records if r.name == "asyncio"]
 
 
+async def test_the_token_held_for_requests_is_dropped_when_the_provider_closes(
+    make_provider: Callable[..., TokenProvider],
+) -> None:
+    provider = make_provider()
+    await provider.start()
+    token = await provider.get()
+    assert provider.held.current() == token  # what the request path reads
+    await provider.close()
+    assert provider.held.current() is None
+    assert provider.current() is None
+
+
 async def test_an_unstarted_provider_closes(make_provider: Callable[..., TokenProvider]) -> None:
     provider = make_provider()
     await provider.close()

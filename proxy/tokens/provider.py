@@ -37,6 +37,7 @@ import aiohttp
 from proxy import __version__
 from proxy.config import TokenConfig
 from proxy.errors import TokenEndpointUnreachable, TokenFetchError, TokenUnavailable
+from proxy.held_token import HeldToken
 from proxy.metrics import Metrics
 from proxy.tls_context import client_ssl_context
 from proxy.tokens.client import TokenClient, TokenResponse, display_url
@@ -85,9 +86,9 @@ class TokenProvider:
         self._rng = rng if rng is not None else random.Random()
         self._invalidate_interval = invalidate_interval
 
-        self._token: str | None = None
+        # The token, and until when (monotonic: expiry minus leeway) it may be sent.
+        self.held = HeldToken(clock)
         self._expires_at = -math.inf  # monotonic
-        self._usable_until = -math.inf  # monotonic: expiry minus leeway
         self._expires_at_wall = 0.0
         self._refresh_at = math.inf  # monotonic
         self._next_attempt_at = -math.inf  # monotonic: backoff, no attempt before this
@@ -130,6 +131,7 @@ class TokenProvider:
     async def close(self) -> None:
         """Stop the background task and any fetch in flight; close the HTTP session."""
         self._closed = True
+        self.held.drop()
         self._wake.set()
         tasks = [task for task in (self._runner, self._fetch_task) if task is not None]
         for task in tasks:
@@ -143,11 +145,9 @@ class TokenProvider:
     # -- the request path ----------------------------------------------------------
 
     def current(self) -> str | None:
-        """The cached token if it is still valid; never waits (the hot path)."""
-        token = self._token
-        if token is None or self._closed or self._clock() >= self._usable_until:
-            return None
-        return token
+        """The cached token if it is still valid; never waits (the request path reads
+        `held` directly)."""
+        return self.held.current()
 
     def is_valid(self) -> bool:
         """Whether a valid token is held now (for /readyz)."""
@@ -161,8 +161,8 @@ class TokenProvider:
         than the token timeout.
         """
         now = self._clock()
-        token = self._token
-        if token is not None and now < self._usable_until and not self._closed:
+        token = self.held.token
+        if token is not None and now < self.held.usable_until and not self._closed:
             if now >= self._refresh_at and now >= self._next_attempt_at and not self._fetch_task:
                 # The background task is late (or was never started): renew now, in the
                 # background; this request does not wait.
@@ -192,7 +192,7 @@ class TokenProvider:
         turn every request into a token request. During backoff the token is dropped but
         the next fetch waits for the backoff schedule.
         """
-        if self._closed or self._token is None or token != self._token:
+        if self._closed or self.held.token is None or token != self.held.token:
             return
         now = self._clock()
         if now - self._last_invalidation < self._invalidate_interval:
@@ -203,7 +203,7 @@ class TokenProvider:
             )
             return
         self._last_invalidation = now
-        self._token = None
+        self.held.drop()
         log.info(
             "upstream %s rejected its token; fetching a new one",
             self.upstream,
@@ -272,7 +272,7 @@ class TokenProvider:
             return 0.0
         if self._consecutive_failures:
             return max(0.0, self._next_attempt_at - now)
-        if self._token is None:
+        if self.held.token is None:
             return 0.0
         return max(0.0, self._refresh_at - now)
 
@@ -363,9 +363,10 @@ class TokenProvider:
         margin = max(self._refresh_margin(lifetime), leeway)
         jitter = self._rng.uniform(0.0, REFRESH_JITTER_FRACTION * margin)
         # Lifetimes count from when the request was sent: the conservative end.
-        self._token = response.access_token
         self._expires_at = sent_at + lifetime
-        self._usable_until = self._expires_at - leeway
+        if not self._closed:
+            self.held.token = response.access_token
+            self.held.usable_until = self._expires_at - leeway
         self._expires_at_wall = time.time() + (self._expires_at - now)
         self._refresh_at = max(self._expires_at - margin - jitter, now + MIN_REFRESH_DELAY)
         recovered_after = self._consecutive_failures
