@@ -153,6 +153,7 @@ class ClientConnection(FlowControlledProtocol):
         self._method = ""  # once the head is read, for an error answer to a HEAD request
         self._fields = HeadFields()
         self._in_trailers = False
+        self._in_head = False  # a request head has begun and not yet ended
         self._unfinished_head = 0
         # The chunk being parsed, while it starts where a message does; then, for the
         # message that began there, that chunk (see _http_version).
@@ -190,7 +191,7 @@ class ClientConnection(FlowControlledProtocol):
             # Bytes after an upgrade request while its handler decides: keep them.
             self._taken_over_tail += data
             return
-        in_head = self.header_deadline != 0.0
+        in_head = self._in_head
         self._chunk_at_message_start = data if self._between_messages else None
         try:
             self._parser.feed_data(data)
@@ -202,13 +203,18 @@ class ClientConnection(FlowControlledProtocol):
         except httptools.HttpParserError as exc:
             self._parse_failed(self._parsing_error or BadRequest(_parser_message(exc)))
             return
-        if in_head and self.header_deadline:
-            # httptools keeps a header field to itself until the next one starts, so
-            # on_header never sees a field that does not end: bound an unfinished head
-            # by the bytes that arrived while it was unfinished (RFC 9110 §5.4: 4xx).
-            self._unfinished_head += len(data)
-            if self._unfinished_head > self._max_request_line + self._max_header_size:
-                self._parse_failed(HeadersTooLarge("request headers too large"))
+        if self._in_head:
+            if not self.header_deadline:
+                # A head began in these bytes and did not end in them (most heads do:
+                # the clock is only read for the others).
+                self.header_deadline = self._loop.time() + self._header_timeout
+            if in_head:
+                # httptools keeps a header field to itself until the next one starts, so
+                # on_header never sees a field that does not end: bound an unfinished head
+                # by the bytes that arrived while it was unfinished (RFC 9110 §5.4: 4xx).
+                self._unfinished_head += len(data)
+                if self._unfinished_head > self._max_request_line + self._max_header_size:
+                    self._parse_failed(HeadersTooLarge("request headers too large"))
 
     def eof_received(self) -> bool | None:
         if self._raw_sink is not None:
@@ -265,7 +271,7 @@ class ClientConnection(FlowControlledProtocol):
         self._fields = HeadFields()
         self._in_trailers = False
         self._unfinished_head = 0
-        self.header_deadline = self._loop.time() + self._header_timeout
+        self._in_head = True
         self.idle_deadline = 0.0
 
     def on_url(self, url: bytes) -> None:
@@ -288,6 +294,7 @@ class ClientConnection(FlowControlledProtocol):
             raise self._parsing_error
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         self.header_deadline = 0.0
         parser = self._parser
         method = self._method = parser.get_method().decode("ascii")
