@@ -46,6 +46,7 @@ REQUEST_BUCKETS: Final[tuple[float, ...]] = (
     30.0,
 )
 _BOUNDS: Final = len(REQUEST_BUCKETS)
+_STATUS_CODES: Final = 1000  # request counts are kept per three-digit status code
 
 
 class Metrics:
@@ -168,7 +169,8 @@ class _UpstreamRequests:
     __slots__ = ("buckets", "by_status", "seconds")
 
     def __init__(self) -> None:
-        self.by_status: dict[int, int] = {}
+        # Indexed by the status code itself: a list index, not a dict lookup per request.
+        self.by_status = [0] * _STATUS_CODES
         self.buckets = [0] * (len(REQUEST_BUCKETS) + 1)  # the last one is +Inf
         self.seconds = 0.0
 
@@ -196,7 +198,8 @@ class RequestStats(Collector):
         stats = self._upstreams.get(upstream)
         if stats is None:
             stats = self._upstreams[upstream] = _UpstreamRequests()
-        stats.by_status[status] = stats.by_status.get(status, 0) + 1
+        if 0 <= status < _STATUS_CODES:
+            stats.by_status[status] += 1
         # The first bucket whose bound is not below `seconds`; most requests take the first.
         bucket = 0
         while bucket < _BOUNDS and seconds > REQUEST_BUCKETS[bucket]:
@@ -211,8 +214,9 @@ class RequestStats(Collector):
             labels=["upstream", "code"],
         )
         for upstream, stats in sorted(self._upstreams.items()):
-            for status, count in sorted(stats.by_status.items()):
-                requests.add_metric([upstream, str(status)], count)
+            for status, count in enumerate(stats.by_status):
+                if count:
+                    requests.add_metric([upstream, str(status)], count)
         yield requests
         duration = HistogramMetricFamily(
             "token_proxy_request_duration_seconds",
