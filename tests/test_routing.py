@@ -82,6 +82,7 @@ def test_matching(target: bytes, expected: str | None) -> None:
         b"ftp://inventory.internal/x",
         b"http://inventory..internal/x",
         b"http://inventory.internal/x#frag",
+        b"http://inventory.internal/x#",
         b"/x",
     ],
 )
