@@ -137,6 +137,9 @@ class ClientConnection(FlowControlledProtocol):
         # The limits are read for every request and field: kept as native attributes of
         # this (compiled) class rather than read through the config object each time.
         self._max_request_line = limits.max_request_line
+        # Room for the method, the target and the version: all of a request line that
+        # _http_version reads (a target longer than the limit is refused anyway).
+        self._request_line_room = limits.max_request_line + 64
         self._max_header_size = limits.max_header_size
         self._max_headers = limits.max_headers
         self._max_body_size = limits.max_body_size
@@ -263,7 +266,10 @@ class ClientConnection(FlowControlledProtocol):
     # -- httptools callbacks ------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._message_start_chunk = self._chunk_at_message_start
+        chunk = self._chunk_at_message_start
+        if chunk is not None and len(chunk) > self._request_line_room:
+            chunk = chunk[: self._request_line_room]  # kept until the head ends: no more
+        self._message_start_chunk = chunk
         self._chunk_at_message_start = None
         self._between_messages = False
         self._url = b""
@@ -426,6 +432,10 @@ class ClientConnection(FlowControlledProtocol):
             waiter.set_result(None)
 
     def _parse_failed(self, error: ProxyError) -> None:
+        # No head is arriving any more: its timeout no longer applies (an answer still
+        # being written finishes, then the error goes out).
+        self._in_head = False
+        self.header_deadline = 0.0
         self._parse_stopped = True
         self.pause_reading()
         if self._body is not None:

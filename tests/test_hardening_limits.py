@@ -307,6 +307,25 @@ async def test_a_chunked_body_over_the_limit_is_413_at_once_and_never_completed(
 # -- slow clients ----------------------------------------------------------------------------
 
 
+async def test_a_refused_head_behind_a_slow_answer_lets_that_answer_finish(
+    limited: Limited, upstream: Upstream
+) -> None:
+    app, baseline = await limited()
+    slow = get(b"http://inventory.internal/slow/1")  # answered once `release` is set
+    too_long = get(b"http://inventory.internal/" + b"a" * 2000)
+    async with await RawClient.connect(app.port) as client:
+        client.send(slow + too_long)
+        # The refused head is no longer arriving: past its header timeout and a sweep,
+        # the answer in front of it is still awaited, the connection still open.
+        assert await client.silent_for(LIMITS.header_timeout + SWEEP_SLACK)
+        upstream.release.set()
+        first = await client.final_response()
+        second = await client.final_response(within=AT_ONCE)
+        assert await client.closed(AT_ONCE)
+    assert (first.status, second.status) == (200, 414)
+    await baseline.check()
+
+
 async def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(
     limited: Limited,
 ) -> None:

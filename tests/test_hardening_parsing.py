@@ -382,6 +382,18 @@ async def test_each_request_is_read_at_its_own_http_version(
     assert [seen.path for seen in upstream.received] == ["/a", "/b", "/c"]
 
 
+async def test_a_head_read_together_with_a_long_body_is_read_at_its_version(
+    named: ProxyApp, upstream: Upstream
+) -> None:
+    body = b"b" * 20000  # one read of head and body, longer than any request line
+    raw = head(b"Content-Length: 20000", b"Connection: keep-alive", version=b"HTTP/1.0") + body
+    async with await RawClient.connect(named.port) as client:
+        client.send(raw)
+        response = await client.final_response()
+    assert (response.status, response.header("Connection")) == (200, "keep-alive")
+    assert response.json()["body"] == body.decode()
+
+
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 async def test_a_request_inside_a_body_stays_a_body(
     named: ProxyApp, upstream: Upstream, framing: str
