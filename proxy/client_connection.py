@@ -401,10 +401,12 @@ class ClientConnection(FlowControlledProtocol):
         with `str.format`, several times the cost).
 
         That chunk begins with the request line (after any empty lines llhttp skipped),
-        which llhttp checked to be the method, one space, the target as on_url reported
-        it, one space, `HTTP/d.d` and CRLF. So if the ten bytes where the version would
-        be without empty lines are `HTTP/1.1` and CRLF, they end the request line and
-        are its version; otherwise (empty lines, a line split across chunks) ask llhttp.
+        which llhttp checked to be the method, a space, the target as on_url reported
+        it, a space, `HTTP/d.d` and CRLF, with no CR before its end. So the ten bytes
+        where the version would be with single spaces and no empty lines lie at or
+        before the line's end; if they are `HTTP/1.1` or `HTTP/1.0` and CRLF, they end
+        the line and are its version. Otherwise (empty lines, extra spaces, a line
+        split across chunks, another version) llhttp is asked.
         """
         chunk = self._message_start_chunk
         self._message_start_chunk = None
