@@ -96,8 +96,7 @@ class FixedToken:
 
     def __init__(self) -> None:
         self.held = HeldToken(time.monotonic)
-        self.held.token = TOKEN
-        self.held.usable_until = math.inf
+        self.held.hold(TOKEN, math.inf)
 
     def current(self) -> str:
         return TOKEN

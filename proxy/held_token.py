@@ -29,6 +29,12 @@ class HeldToken:
             return None
         return token
 
+    def hold(self, token: str, usable_until: float) -> None:
+        """Hold `token` from now on, to be sent until `usable_until`."""
+        self.token = token
+        self.usable_until = usable_until
+
     def drop(self) -> None:
+        """Hold no token (invalidated, or the provider closed)."""
         self.token = None
         self.usable_until = -math.inf

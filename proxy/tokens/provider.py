@@ -365,8 +365,7 @@ class TokenProvider:
         # Lifetimes count from when the request was sent: the conservative end.
         self._expires_at = sent_at + lifetime
         if not self._closed:
-            self.held.token = response.access_token
-            self.held.usable_until = self._expires_at - leeway
+            self.held.hold(response.access_token, self._expires_at - leeway)
         self._expires_at_wall = time.time() + (self._expires_at - now)
         self._refresh_at = max(self._expires_at - margin - jitter, now + MIN_REFRESH_DELAY)
         recovered_after = self._consecutive_failures
