@@ -39,6 +39,7 @@ from proxy.config import (
     TokenConfig,
     UpstreamConfig,
 )
+from proxy.hosts import is_loopback_host
 
 _T = TypeVar("_T")
 _Choice = TypeVar("_Choice", bound=str)
@@ -206,15 +207,6 @@ def _split_host_port(text: str, *, port_required: bool) -> tuple[str, int | None
     return host, port
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _is_wildcard(host: str) -> bool:
     return host in ("0.0.0.0", "::")
 
@@ -257,7 +249,8 @@ def _format_host_match(host: HostMatch) -> str:
 
 
 def _ports_overlap(a: int | None, b: int | None) -> bool:
-    # None is "the scheme's default port": 80 for plain requests, 443 for CONNECT.
+    # None is "the scheme's default port": 80 for http://, 443 for https://, and both
+    # for CONNECT, which names no scheme.
     if a == b:
         return True
     if a is None:
@@ -913,7 +906,7 @@ class _Loader:
     def check_insecure(self, path: _KeyPath, url: _WebUrl, allow_insecure_http: bool) -> None:
         # RFC 6750 §5.3 / RFC 6749 §3.2: bearer tokens and client credentials must only
         # travel over TLS; plain http is fine on loopback (a sidecar next door).
-        if url.scheme == "http" and not allow_insecure_http and not _is_loopback(url.host):
+        if url.scheme == "http" and not allow_insecure_http and not is_loopback_host(url.host):
             self.fail(
                 path,
                 f"{_show(url.text)} sends credentials in cleartext to a non-loopback host; "

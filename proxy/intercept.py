@@ -35,6 +35,7 @@ from proxy.local_ca import (
     LeafCertificates,
     load_authority,
 )
+from proxy.tunnel import CONNECTION_ESTABLISHED
 
 __all__ = [
     "InterceptedHandlers",
@@ -42,8 +43,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("token_proxy.intercept")
-
-CONNECTION_ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 
 
 class InterceptedHandlers(Protocol):

@@ -15,6 +15,7 @@ import ssl
 from collections.abc import Callable
 
 from proxy.errors import BadRequest, HostNotAllowed, ProxyError
+from proxy.hosts import is_loopback_host
 from proxy.messages import RequestHead
 from proxy.metrics import UNMATCHED
 from proxy.routing import Target, parse_absolute_target, split_authority
@@ -104,7 +105,9 @@ class Planners:
         route = runtime.route_for(upstream)
         if route is None:
             if runtime.config.unknown_hosts == "deny":
-                raise HostNotAllowed(f"{target.host} matches no configured upstream")
+                raise HostNotAllowed(
+                    f"{target.host} matches no configured upstream (unknown_hosts: deny)"
+                )
             return Plan(None, _origin_of(target), target.authority.encode("ascii"), target.path)
         if route.origin is not None and route.host_header is not None:
             if target.scheme == "https" and route.origin.scheme != "https":
@@ -116,7 +119,7 @@ class Planners:
         if (
             target.scheme == "http"
             and not route.config.allow_insecure_http
-            and not _is_loopback(target.host)
+            and not is_loopback_host(target.host)
         ):
             # RFC 6750 §5.3: a bearer token only travels over TLS, unless the operator
             # says the network below is trusted (a service mesh with mTLS, say).
@@ -128,10 +131,6 @@ class Planners:
             )
         origin = _origin_of(target, route)
         return Plan(route, origin, target.authority.encode("ascii"), target.path)
-
-
-def _is_loopback(host: str) -> bool:
-    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def check_host_fields(head: RequestHead) -> None:

@@ -19,6 +19,7 @@ from proxy.config import UpstreamConfig
 from proxy.errors import BadRequest
 
 DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_DEFAULT_PORT_NUMBERS: Final = frozenset(DEFAULT_PORTS.values())
 
 # RFC 3986 reg-name restricted to what DNS allows: letters, digits, '-', '_' and dots.
 _HOSTNAME: Final = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*$")
@@ -219,10 +220,19 @@ class Router:
                 return upstream
         return None
 
-    def claimants(self, scheme: str, host: str, port: int) -> list[UpstreamConfig]:
-        """The upstreams that match this host and port on some path (for CONNECT)."""
-        ports = self._table.get(host, {})
-        found = list(ports[port].upstreams) if port in ports else []
-        if port == DEFAULT_PORTS.get(scheme) and None in ports:
-            found.extend(ports[None].upstreams)
-        return found
+    def claimants(self, host: str, port: int) -> list[UpstreamConfig]:
+        """The upstreams that match this host and port on some path, in either scheme.
+
+        A CONNECT tunnel names no scheme: what it carries may be TLS or plain HTTP. So a
+        host entry without a port is claimed on both default ports here (80 as much as
+        443); otherwise a tunnel to port 80 would carry requests to a configured host
+        without its token. (The config loader refuses `host` beside `host:80` or
+        `host:443`, so at most one of the two lookups finds anything.)
+        """
+        ports = self._table.get(host)
+        if ports is None:
+            return []
+        candidates = ports.get(port)
+        if candidates is None and port in _DEFAULT_PORT_NUMBERS:
+            candidates = ports.get(None)
+        return list(candidates.upstreams) if candidates is not None else []

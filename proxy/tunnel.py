@@ -30,10 +30,13 @@ from proxy.messages import RequestHead
 from proxy.metrics import UNMATCHED, Metrics
 from proxy.routing import split_authority
 from proxy.runtime import RuntimeHolder
+from proxy.throttled_log import ThrottledLog
 
 log = logging.getLogger("token_proxy.tunnel")
 
 CONNECT_TIMEOUT = 10.0
+
+CONNECTION_ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 
 # Answers an intercepted CONNECT: takes the client connection over and serves the
 # requests inside the TLS session. Installed by the TLS interception module.
@@ -162,22 +165,28 @@ class TunnelHandler:
         self._holder = holder
         self._metrics = metrics
         self.interceptor: Interceptor | None = None
+        self._refusals = ThrottledLog(log)
 
     async def handle_connect(self, conn: ClientConnection, head: RequestHead) -> bool:
         runtime = self._holder.current
         config = runtime.config
         label = UNMATCHED
+        target = head.target.decode("ascii", "replace")
         try:
             try:
                 host, port = split_authority(head.target.decode("ascii"), None)
             except UnicodeDecodeError:
                 raise BadRequest("CONNECT target is not ASCII") from None
+            claimants = runtime.router.claimants(host, port)
+            if claimants:
+                label = claimants[0].name
             if port not in config.connect_ports:
-                raise HostNotAllowed(f"CONNECT to port {port} is not allowed")
-            claimants = runtime.router.claimants("https", host, port)
+                raise HostNotAllowed(
+                    f"CONNECT to port {port} is not allowed (add it to connect_ports)",
+                    upstream=claimants[0].name if claimants else None,
+                )
             if claimants:
                 upstream = claimants[0]
-                label = upstream.name
                 if self.interceptor is None:
                     raise HostNotAllowed(
                         f"{host}:{port} belongs to upstream '{upstream.name}', whose token "
@@ -190,14 +199,23 @@ class TunnelHandler:
                 await self.interceptor(conn, host, port)
                 return False
             if config.unknown_hosts == "deny":
-                raise HostNotAllowed(f"{host} matches no configured upstream")
+                raise HostNotAllowed(f"{host} matches no configured upstream (unknown_hosts: deny)")
             transport = await _open(host, port)
         except ProxyError as error:
             self._metrics.tunnels.labels(upstream=label, outcome="refused").inc()
+            self._refusals.log(
+                logging.WARNING,
+                f"{label}:{type(error).__name__}",
+                "CONNECT %s refused with %d (upstream %s): %s",
+                target[:300],
+                error.status,
+                label,
+                error.detail,
+            )
             conn.send_error(error, keep_alive=False)
             return False
         self._metrics.tunnels.labels(upstream=UNMATCHED, outcome="opened").inc()
-        conn.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        conn.write(CONNECTION_ESTABLISHED)
         splice(conn, transport, b"", idle_timeout=conn.listener.limits.tunnel_idle_timeout)
         return False
 

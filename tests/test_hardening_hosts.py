@@ -683,3 +683,82 @@ async def test_reverse_port_sends_only_to_its_own_url(
     assert credentials(upstream) == [[bearer(token_server)]] * 3
     assert {seen.header("Host") for seen in upstream.received} == {f"127.0.0.1:{upstream.port}"}
     assert other.received == []
+
+
+# -- every port a host claims, through every way of reaching it ------------------------
+
+
+@pytest.mark.parametrize(
+    ("entry", "claimed"),
+    [
+        # A host without a port: its scheme's default port in absolute form, and both
+        # default ports through CONNECT, which names no scheme.
+        ("vm.internal", {("http", 80), ("https", 443)}),
+        ("vm.internal:80", {("http", 80), ("https", 80)}),
+        ("vm.internal:443", {("http", 443), ("https", 443)}),
+        ("vm.internal:8080", {("http", 8080), ("https", 8080)}),
+    ],
+)
+async def test_a_configured_host_never_leaves_without_its_token_through_any_port_or_form(
+    start_proxy: StartProxy,
+    token_server: TokenServer,
+    upstream: Upstream,
+    entry: str,
+    claimed: set[tuple[str, int]],
+) -> None:
+    # No interception: a claimed port through CONNECT must be refused (the token cannot
+    # go inside an opaque tunnel), and through absolute form must carry the token.
+    # Unclaimed ports are refused under `unknown_hosts: deny`, so nothing is resolved.
+    config = upstream_config("inventory", [entry], token_config(token_server), url=upstream.url)
+    app = await start_proxy(
+        proxy_config(config, unknown_hosts="deny", connect_ports=(80, 443, 8080))
+    )
+    for port in (80, 443, 8080):
+        authority = f"vm.internal:{port}"
+        tunnel = await ask(app.port, request(authority, method="CONNECT", host=authority))
+        assert tunnel.status == 403, authority
+        tunnelled_to_claimed = any(port == claimed_port for _, claimed_port in claimed)
+        assert tunnel.json()["upstream"] == ("inventory" if tunnelled_to_claimed else None)
+        for scheme in ("http", "https"):
+            before = len(upstream.received)
+            target = f"{scheme}://{authority}/x"
+            response = await ask(app.port, request(target, host=authority))
+            if (scheme, port) in claimed and scheme == "http":
+                assert response.status == 200, target
+                assert credentials(upstream)[before:] == [[bearer(token_server)]], target
+            elif (scheme, port) in claimed:
+                # https:// to an upstream whose url is http: refused, never downgraded.
+                assert (response.status, response.json()["upstream"]) == (400, "inventory")
+            else:
+                assert (response.status, response.json()["upstream"]) == (403, None), target
+    assert all(seen.header("Authorization") for seen in upstream.received)
+
+
+async def test_a_port_refusal_names_the_upstream_and_the_setting(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    config = upstream_config("inventory", ["vm.internal"], token_config(token_server))
+    app = await start_proxy(proxy_config(config))  # connect_ports: the default, 443 only
+    reply = await ask(app.port, request("vm.internal:80", method="CONNECT", host=None))
+    assert reply.status == 403
+    body = reply.json()
+    assert body["upstream"] == "inventory"
+    assert "connect_ports" in body["detail"]
+    sample = app.metrics.registry.get_sample_value(
+        "token_proxy_tunnels_total", {"upstream": "inventory", "outcome": "refused"}
+    )
+    assert sample == 1
+
+
+@pytest.mark.parametrize("host", ["127.evil.test", "127.0.0.1.evil.test", "localhost.evil.test"])
+async def test_a_name_that_looks_like_loopback_gets_no_cleartext_token(
+    start_proxy: StartProxy, token_server: TokenServer, host: str
+) -> None:
+    # No url and no allow_insecure_http: only a real loopback address may get the token
+    # over plain http. A DNS name resolves wherever its owner wants.
+    config = upstream_config("inventory", [f"{host}:8080"], token_config(token_server))
+    app = await start_proxy(proxy_config(config))
+    response = await ask(app.port, request(f"http://{host}:8080/x", host=f"{host}:8080"))
+    assert response.status == 403
+    assert response.error == "host_not_allowed"
+    assert "cleartext" in response.json()["detail"]

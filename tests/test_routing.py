@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from proxy import routing
 from proxy.config import HostMatch, MatchConfig, TokenConfig, UpstreamConfig
 from proxy.errors import BadRequest
+from proxy.hosts import is_loopback_host
 from proxy.routing import Router, parse_absolute_target, path_matches, split_authority
 
 
@@ -177,3 +178,45 @@ def test_a_cached_origin_never_changes_where_a_target_is_cut(target: bytes) -> N
 def test_a_query_before_any_slash_is_part_of_the_path_with_the_origin_cached() -> None:
     parse_absolute_target(b"http://h/")
     assert parsed_or_refused(b"http://h?q=/x") == ("http", "h", 80, b"/?q=/x")
+
+
+SCHEMES = ("http", "https")
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [HostMatch("vm.internal"), HostMatch("vm.internal", 80), HostMatch("vm.internal", 443)],
+)
+@pytest.mark.parametrize("prefix", [None, "/api"])
+def test_connect_claims_exactly_the_ports_that_absolute_form_matches(
+    entry: HostMatch, prefix: str | None
+) -> None:
+    router = Router((upstream("vm", entry, prefix=prefix),))
+    path = (prefix or "/").encode()
+    for port in (80, 443, 8080, 8443):
+        matched = any(router.match(scheme, "vm.internal", port, path) for scheme in SCHEMES)
+        assert bool(router.claimants("vm.internal", port)) == matched, port
+    claimed = {port for port in (80, 443, 8080) if router.claimants("vm.internal", port)}
+    # A host without a port claims both default ports.
+    assert claimed == ({80, 443} if entry.port is None else {entry.port})
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("localhost", True),
+        ("LOCALHOST.", True),
+        ("127.0.0.1", True),
+        ("127.255.0.9", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("127.evil.example", False),
+        ("127.0.0.1.evil.example", False),
+        ("localhost.evil.example", False),
+        ("128.0.0.1", False),
+        ("::2", False),
+        ("", False),
+    ],
+)
+def test_loopback_is_an_ip_literal_or_localhost(host: str, loopback: bool) -> None:
+    assert is_loopback_host(host) is loopback

@@ -255,7 +255,7 @@ async def test_unknown_hosts_deny_refuses_the_tunnel(
     assert reply.json() == {
         "error": "host_not_allowed",
         "upstream": None,
-        "detail": "127.0.0.1 matches no configured upstream",
+        "detail": "127.0.0.1 matches no configured upstream (unknown_hosts: deny)",
     }
     assert echo.connections == 0
 

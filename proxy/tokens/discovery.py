@@ -16,7 +16,6 @@ Failures are `TokenFetchError`s classified like token request failures.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 
 import aiohttp
@@ -28,6 +27,7 @@ from proxy.errors import (
     TokenEndpointUnreachable,
     TokenFetchError,
 )
+from proxy.hosts import is_loopback_host
 from proxy.tokens.client import (
     MAX_RESPONSE_BYTES,
     display_url,
@@ -37,7 +37,7 @@ from proxy.tokens.client import (
     transport_errors,
 )
 
-__all__ = ["discover_token_endpoint", "is_loopback_host", "metadata_urls"]
+__all__ = ["discover_token_endpoint", "metadata_urls"]
 
 OIDC_WELL_KNOWN = "/.well-known/openid-configuration"
 OAUTH_WELL_KNOWN = "/.well-known/oauth-authorization-server"
@@ -130,13 +130,3 @@ def _check_url_scheme(url: str, what: str, allow_insecure_http: bool) -> None:
             " (or allow_insecure_http, or a loopback address)"
         )
     raise InvalidTokenResponse(f"{what} {sanitise(url, limit=100)!r} is not an http(s) URL")
-
-
-def is_loopback_host(host: str) -> bool:
-    """`localhost`, 127.0.0.0/8 or ::1: traffic that never leaves the machine."""
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
