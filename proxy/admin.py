@@ -12,12 +12,16 @@ so that config reloads and draining show at once.
   holds a token or a secret.
 
 Only GET and HEAD are served; responses are never cached. The admin server has no
-access log: probes and scrapes every few seconds would drown the proxy's own.
+access log: probes and scrapes every few seconds would drown the proxy's own. It has
+the proxy ports' kind of limits (a connection cap, header and idle timeouts): see
+`proxy.admin_limits`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -26,6 +30,8 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from proxy import __version__
+from proxy.admin_limits import AdminConnectionGuard, admin_connection_cap
+from proxy.config import Address, LimitsConfig
 from proxy.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -107,7 +113,7 @@ async def _no_store(request: web.Request, response: web.StreamResponse) -> None:
 
 
 def create_admin_app(metrics: Metrics, health: HealthSource) -> web.Application:
-    """The admin application; serve it with `make_admin_runner` (no access log)."""
+    """The admin application; serve it with `AdminServer`."""
     app = web.Application()
     app[HEALTH_KEY] = health
     # add_get also answers HEAD; other methods get 405, other paths 404.
@@ -119,10 +125,50 @@ def create_admin_app(metrics: Metrics, health: HealthSource) -> web.Application:
     return app
 
 
-def make_admin_runner(app: web.Application) -> web.AppRunner:
-    """A runner for the admin app without aiohttp's access log and without signal handling.
+class AdminServer:
+    """Serves the admin app on its address, with the limits of `proxy.admin_limits`."""
 
-    The caller owns the lifecycle: ``await runner.setup()``, add a ``web.TCPSite``,
-    and ``await runner.cleanup()`` on shutdown.
-    """
-    return web.AppRunner(app, access_log=None, handle_signals=False)
+    def __init__(self, app: web.Application, address: Address, limits: LimitsConfig) -> None:
+        self._address = address
+        self._limits = limits
+        # No access log (probes would drown the proxy's own), no signal handling (the
+        # caller owns the lifecycle), and keep-alive bounded like the proxy ports'.
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=limits.idle_timeout,
+            max_field_size=limits.max_header_size,
+        )
+        self._server: asyncio.Server | None = None
+        self.guard: AdminConnectionGuard | None = None
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        handler_factory = self._runner.server
+        assert handler_factory is not None
+        limits = self._limits
+        self.guard = AdminConnectionGuard(
+            handler_factory,
+            max_connections=admin_connection_cap(limits.admin_max_connections),
+            header_timeout=limits.header_timeout,
+            idle_timeout=limits.idle_timeout,
+            max_header_size=limits.max_header_size,
+        )
+        self._server = await asyncio.get_running_loop().create_server(
+            self.guard,
+            host=self._address.host,
+            port=self._address.port,
+            reuse_address=True,
+            family=socket.AF_INET6 if ":" in self._address.host else socket.AF_UNSPEC,
+        )
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "start() first"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self._runner.cleanup()

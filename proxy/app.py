@@ -23,9 +23,7 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from aiohttp import web
-
-from proxy.admin import UpstreamHealth, create_admin_app
+from proxy.admin import AdminServer, UpstreamHealth, create_admin_app
 from proxy.allocator import tune_for_streaming
 from proxy.config import ConfigError, ProxyConfig, UpstreamConfig, load_config
 from proxy.forward import Forwarder
@@ -34,6 +32,7 @@ from proxy.listener import Listener
 from proxy.logs import configure_logging, forget_secret, register_secret
 from proxy.metrics import Metrics
 from proxy.runtime import Runtime, RuntimeHolder
+from proxy.throttled_log import ThrottledLog
 from proxy.tokens import TokenProvider
 from proxy.tunnel import TunnelHandler
 from proxy.upstream_pool import UpstreamPool
@@ -73,8 +72,7 @@ class ProxyApp:
         self._holder: RuntimeHolder | None = None
         self.forward_listener: Listener | None = None
         self.reverse_listeners: dict[str, Listener] = {}
-        self._admin_runner: web.AppRunner | None = None
-        self._admin_site: web.TCPSite | None = None
+        self._admin: AdminServer | None = None
         self._draining = False
         self._reload_lock = asyncio.Lock()
         self.tunnels: TunnelHandler | None = None
@@ -159,18 +157,13 @@ class ProxyApp:
 
     async def _start_admin(self) -> None:
         app = create_admin_app(self.metrics, self)
-        self._admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._admin_runner.setup()
-        address = self.config.admin_listen
-        self._admin_site = web.TCPSite(self._admin_runner, address.host, address.port)
-        await self._admin_site.start()
+        self._admin = AdminServer(app, self.config.admin_listen, self.config.limits)
+        await self._admin.start()
 
     @property
     def admin_port(self) -> int:
-        assert self._admin_runner is not None
-        for address in self._admin_runner.addresses:
-            return int(address[1])
-        raise RuntimeError("admin server is not listening")
+        assert self._admin is not None, "start() first"
+        return self._admin.port
 
     @property
     def port(self) -> int:
@@ -301,8 +294,8 @@ class ProxyApp:
         for provider in self.providers.values():
             await provider.close()
         self.pool.close()
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
+        if self._admin is not None:
+            await self._admin.close()
         log.info("stopped", extra={"event": "stopped"})
 
 
@@ -318,6 +311,7 @@ async def serve(config: ProxyConfig) -> int:
         background.add(task)
         task.add_done_callback(background.discard)
 
+    loop.set_exception_handler(ThrottledLog(log).loop_exception_handler)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_soon)

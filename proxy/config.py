@@ -182,6 +182,7 @@ class LimitsConfig:
     idle_timeout: float = 60.0  # keep-alive connections with nothing in flight
     tunnel_idle_timeout: float = 300.0
     max_connections: int = 10000
+    admin_max_connections: int = 64  # and at most an eighth of the descriptor limit
 
 
 @dataclass(frozen=True)

@@ -356,6 +356,7 @@ _LIMIT_KEYS = (
     "idle_timeout",
     "tunnel_idle_timeout",
     "max_connections",
+    "admin_max_connections",
 )
 _TLS_KEYS = ("ca_file", "client_cert_file", "client_key_file")
 _UPSTREAM_KEYS = (
@@ -745,6 +746,9 @@ class _Loader:
             ),
             max_connections=self.with_default(
                 section, "max_connections", count, defaults.max_connections
+            ),
+            admin_max_connections=self.with_default(
+                section, "admin_max_connections", count, defaults.admin_max_connections
             ),
         )
 

@@ -14,14 +14,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from multidict import CIMultiDictProxy
 from prometheus_client import CollectorRegistry, Histogram, Metric, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import proxy
-from proxy.admin import UpstreamHealth, create_admin_app, make_admin_runner
-from proxy.config import Secret, TokenConfig
+from proxy.admin import AdminServer, UpstreamHealth, create_admin_app
+from proxy.config import Address, LimitsConfig, Secret, TokenConfig
 from proxy.errors import TOKEN_FETCH_FAILURE_REASONS
 from proxy.metrics import REQUEST_BUCKETS, UNMATCHED, Metrics
 from proxy.tokens import TokenProvider
@@ -155,16 +154,13 @@ async def add_upstream(
 
 @pytest.fixture
 async def admin(metrics: Metrics, state: ProxyState) -> AsyncIterator[Admin]:
-    runner = make_admin_runner(create_admin_app(metrics, state))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    server = AdminServer(create_admin_app(metrics, state), Address("127.0.0.1", 0), LimitsConfig())
+    await server.start()
     try:
         async with aiohttp.ClientSession() as session:
-            yield Admin(session, f"http://127.0.0.1:{port}")
+            yield Admin(session, f"http://127.0.0.1:{server.port}")
     finally:
-        await runner.cleanup()
+        await server.close()
 
 
 async def wait_ready(admin: Admin) -> Reply:

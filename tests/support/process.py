@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -63,8 +64,17 @@ class ProxyProcess:
         }
         self.config_path.write_text(yaml.safe_dump(config))
 
-    async def start(self, *, within: float = 20.0) -> None:
-        """Start the process and return once its admin port accepts connections."""
+    async def start(self, *, within: float = 20.0, max_open_files: int | None = None) -> None:
+        """Start the process and return once its admin port accepts connections.
+
+        `max_open_files` sets the child's soft descriptor limit (RLIMIT_NOFILE).
+        """
+
+        def limit_files() -> None:
+            if max_open_files is not None:
+                _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, hard))
+
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -76,6 +86,7 @@ class ProxyProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                preexec_fn=limit_files if max_open_files is not None else None,
             )
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
