@@ -35,11 +35,26 @@ from proxy.errors import (
 )
 from proxy.flow_control import FlowControlledProtocol
 from proxy.messages import HeadFields, RequestHead
+from proxy.throttled_log import ThrottledLog
 
 if TYPE_CHECKING:
     from proxy.listener import Listener
 
 log = logging.getLogger("token_proxy.connection")
+_refusals = ThrottledLog(log)
+
+# llhttp's error for `PRI * HTTP/2.0`, the start of the HTTP/2 connection preface.
+_H2_PREFACE_ERROR = "PRI/Upgrade"
+_H2_DEBUG = b"HTTP/2 is not supported on this port; use HTTP/1.1"
+# An empty SETTINGS frame (the server preface), then GOAWAY: last stream 0, error
+# HTTP_1_1_REQUIRED (0xd), and the reason as debug data (RFC 9113 §6.5, §6.8, §7).
+_HTTP2_NOT_SUPPORTED = (
+    b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    + (8 + len(_H2_DEBUG)).to_bytes(3, "big")
+    + b"\x07\x00\x00\x00\x00\x00"
+    + b"\x00\x00\x00\x00\x00\x00\x00\x0d"
+    + _H2_DEBUG
+)
 
 # A request body buffered beyond this pauses reading from the client until it drains.
 BODY_HIGH_WATER = 256 * 1024
@@ -204,6 +219,9 @@ class ClientConnection(FlowControlledProtocol):
             self.pause_reading()
             return
         except httptools.HttpParserError as exc:
+            if _H2_PREFACE_ERROR in str(exc) and not self.busy and not self._queue:
+                self._refuse_http2()
+                return
             self._parse_failed(self._parsing_error or BadRequest(_parser_message(exc)))
             return
         if self._in_head:
@@ -432,6 +450,21 @@ class ClientConnection(FlowControlledProtocol):
         waiter = self._wakeup
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _refuse_http2(self) -> None:
+        """An HTTP/2 connection preface (prior knowledge: gRPC, `curl --http2-prior-knowledge`):
+        answered in HTTP/2, so that the client can say why (RFC 9113 §3.4, §7)."""
+        _refusals.log(
+            logging.WARNING,
+            f"h2:{self.listener.name}",
+            "HTTP/2 is not supported on this port (listener %s, client %s): the client must "
+            "speak HTTP/1.1 here",
+            self.listener.name,
+            self.peer,
+        )
+        self._parse_stopped = True
+        self.write(_HTTP2_NOT_SUPPORTED)
+        self.close()
 
     def _parse_failed(self, error: ProxyError) -> None:
         # No head is arriving any more: its timeout no longer applies (an answer still

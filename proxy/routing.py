@@ -19,6 +19,7 @@ from proxy.config import UpstreamConfig
 from proxy.errors import BadRequest
 
 DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_WEBSOCKET_SCHEMES: Final = {"ws": "http", "wss": "https"}
 _DEFAULT_PORT_NUMBERS: Final = frozenset(DEFAULT_PORTS.values())
 
 # RFC 3986 reg-name restricted to what DNS allows: letters, digits, '-', '_' and dots.
@@ -157,6 +158,9 @@ def _parse_origin(origin: bytes) -> tuple[str, str, int]:
         raise BadRequest("request target is not ASCII") from None
     scheme, sep, authority = text.partition("://")
     scheme = scheme.lower()
+    # RFC 6455 §3: ws:// and wss:// name the same resources as http:// and https://
+    # (aiohttp sends `GET ws://host/path` with its Upgrade to a proxy).
+    scheme = _WEBSOCKET_SCHEMES.get(scheme, scheme)
     if not sep or scheme not in DEFAULT_PORTS:
         raise BadRequest("the forward-proxy port takes absolute-form http:// targets")
     host, port = split_authority(authority, DEFAULT_PORTS[scheme])

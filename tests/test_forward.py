@@ -294,12 +294,15 @@ async def test_path_prefix_limits_what_gets_the_token(
         assert (upstream.last().header("Authorization") is not None) is expect_token, path
 
 
+# aiohttp sends the URL it is given as the absolute-form target: `GET ws://host/ws`.
+@pytest.mark.parametrize("scheme", ["http", "ws"])
 async def test_websocket_upgrade_carries_the_token(
-    inventory_proxy: ProxyApp, token_server: TokenServer
+    inventory_proxy: ProxyApp, token_server: TokenServer, scheme: str
 ) -> None:
+    url = f"{scheme}://inventory.internal/ws"
     async with (
         aiohttp.ClientSession() as session,
-        session.ws_connect("http://inventory.internal/ws", proxy=proxy_url(inventory_proxy)) as ws,
+        session.ws_connect(url, proxy=proxy_url(inventory_proxy)) as ws,
     ):
         hello = json.loads(await ws.receive_str())
         assert hello["authorization"] == f"Bearer {token_server.issued[-1]}"

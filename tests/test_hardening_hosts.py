@@ -154,7 +154,6 @@ REFUSED_AUTHORITIES = [
     ("http://evil.example#@inventory.internal/x", 400),
     # Not http(s) absolute-form.
     ("ftp://inventory.internal/x", 400),
-    ("ws://inventory.internal/x", 400),
     ("http:/inventory.internal/x", 400),
     ("http:inventory.internal/x", 400),
     ("//inventory.internal/x", 400),

@@ -734,3 +734,37 @@ async def test_an_unsolicited_101_is_not_relayed(evil_proxy: EvilProxy) -> None:
     assert response.status == 502
     assert response.error == "upstream_unreachable"
     assert await (await evil.connection(0)).closed_by_proxy()
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def h2_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(type, payload) of each HTTP/2 frame in `data` (RFC 9113 §4.1)."""
+    frames = []
+    while len(data) >= 9:
+        length = int.from_bytes(data[:3], "big")
+        frames.append((data[3], data[9 : 9 + length]))
+        data = data[9 + length :]
+    assert data == b"", "a partial frame"
+    return frames
+
+
+async def test_an_http2_preface_gets_an_http2_goaway_and_a_log_line(
+    named: ProxyApp, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    # gRPC and `curl --http2-prior-knowledge` start with the HTTP/2 preface: they get a
+    # server preface and GOAWAY(HTTP_1_1_REQUIRED) with the reason, not parser internals.
+    reader, writer = await asyncio.open_connection("127.0.0.1", named.port)
+    writer.write(H2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    try:
+        frames = h2_frames(await asyncio.wait_for(reader.read(), 5))  # read until closed
+    finally:
+        writer.close()
+    assert [kind for kind, _ in frames] == [0x4, 0x7]  # SETTINGS, GOAWAY
+    goaway = frames[1][1]
+    assert int.from_bytes(goaway[4:8], "big") == 0xD  # HTTP_1_1_REQUIRED
+    assert b"HTTP/2 is not supported on this port" in goaway[8:]
+    assert "HTTP/2 is not supported on this port" in caplog.text
+    assert "Pause on PRI" not in caplog.text
+    assert upstream.received == []
