@@ -105,6 +105,7 @@ class ProxyApp:
         self._holder = RuntimeHolder(Runtime.build(config, self.providers))
         self.tunnels = TunnelHandler(self._holder, self.metrics)
         self.forwarder = Forwarder(self._holder, self.pool, self.metrics, self.tunnels)
+        self.tunnels.handlers = self.forwarder
         if config.tls_intercept is not None:
             # Before any port listens: a CA that cannot be loaded or written stops start-up.
             self.tunnels.interceptor = TlsInterceptor.from_config(

@@ -162,6 +162,7 @@ class ClientConnection(FlowControlledProtocol):
         self._idle_timeout = limits.idle_timeout
         self._loop = asyncio.get_running_loop()
         self.peer: str = "-"
+        self._over_tls = False  # decrypted from an intercepted TLS session
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[tuple[RequestHead, RequestBody | None] | ProxyError] = deque()
         self._wakeup: asyncio.Future[None] | None = None
@@ -195,6 +196,7 @@ class ClientConnection(FlowControlledProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self._over_tls = transport.get_extra_info("sslcontext") is not None
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = f"{peer[0]}:{peer[1]}"
@@ -238,16 +240,19 @@ class ClientConnection(FlowControlledProtocol):
                     self._parse_failed(HeadersTooLarge("request headers too large"))
 
     def eof_received(self) -> bool | None:
+        # True keeps our write side open after the client's half-close. A TLS transport
+        # cannot half-close: it closes whatever we answer, and warns if we say True.
+        keep_open = None if self._over_tls else True
         if self._raw_sink is not None:
             self._raw_sink.client_eof()
-            return True  # keep our write side open: half-close (tunnels)
+            return keep_open  # half-close passed on (tunnels, WebSockets)
         if self._body is not None and not self._body.done:
             self._body.fail(ConnectionResetError("client closed the connection mid-body"))
         if not self.busy and not self._queue:
             return False
         # Answer what was asked before the client's half-close, then close.
         self._parse_stopped = True
-        return True
+        return keep_open
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

@@ -93,9 +93,10 @@ class Forwarder:
         """The handler of `upstream_name`'s own port: everything goes to its `url`."""
         return ModeHandler(self, partial(self._planners.plan_reverse, upstream_name))
 
-    def intercepted_handler(self, host: str, port: int) -> ModeHandler:
-        """The handler for requests inside an intercepted `CONNECT host:port` TLS session."""
-        return ModeHandler(self, partial(self._planners.plan_intercepted, host, port))
+    def tunnelled_handler(self, scheme: str, host: str, port: int) -> ModeHandler:
+        """The handler for requests inside a `CONNECT host:port` tunnel: decrypted from an
+        intercepted TLS session (`https`), or plain HTTP sent through it (`http`)."""
+        return ModeHandler(self, partial(self._planners.plan_tunnelled, scheme, host, port))
 
     async def handle(
         self,

@@ -4,12 +4,13 @@ A client using `HTTPS_PROXY` sends `CONNECT host:port` and then speaks TLS end t
 so a header can only be added inside that TLS. For a host an upstream matches,
 `TunnelHandler` hands the client connection to `TlsInterceptor`, which
 
-1. answers ``200 Connection Established``;
+1. (`TunnelHandler` has answered ``200 Connection Established`` and seen a TLS
+   ClientHello arrive);
 2. completes the TLS handshake itself (`loop.start_tls`, server side, on asyncio and
    uvloop alike) with a leaf certificate for the CONNECT host, signed by a local CA
    that the application trusts; ALPN offers only ``http/1.1``;
 3. serves the decrypted requests as a new `ClientConnection` whose handler is the
-   forwarder's `intercepted_handler(host, port)`: the same matching, token injection
+   forwarder's `tunnelled_handler("https", host, port)`: the same matching, token injection
    and metrics as plain HTTP, and a fresh, verified TLS connection to the real upstream.
 
 The decrypted connection takes the plain one's place in its `Listener`, so it counts
@@ -24,44 +25,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
 
-from proxy.client_connection import ClientConnection, RequestHandler
+from proxy.client_connection import ClientConnection
 from proxy.config import ConfigError, TlsInterceptConfig
-from proxy.errors import BadRequest
 from proxy.local_ca import (
     AuthorityError,
     CertificateAuthority,
     LeafCertificates,
     load_authority,
 )
-from proxy.tunnel import CONNECTION_ESTABLISHED
+from proxy.tunnel import TunnelledHandlers
 
-__all__ = [
-    "InterceptedHandlers",
-    "TlsInterceptor",
-]
+__all__ = ["TlsInterceptor"]
 
 log = logging.getLogger("token_proxy.intercept")
-
-
-class InterceptedHandlers(Protocol):
-    """What serves decrypted requests: `proxy.forward.Forwarder` is one."""
-
-    def intercepted_handler(self, host: str, port: int) -> RequestHandler: ...
-
-
-class _Detached:
-    """The `RawSink` of a plain connection whose socket now belongs to the TLS layer."""
-
-    def data_from_client(self, data: bytes) -> None:
-        pass
-
-    def client_eof(self) -> None:
-        pass
-
-    def client_lost(self) -> None:
-        pass
 
 
 class _Handover(asyncio.Protocol):
@@ -120,7 +97,6 @@ class _Handover(asyncio.Protocol):
             conn.connection_lost(self._lost_exc)
 
 
-_DETACHED = _Detached()
 # ssl.SSLError reasons by which a client says it does not trust the certificate.
 _DISTRUST_REASONS = frozenset(
     {
@@ -137,13 +113,13 @@ class TlsInterceptor:
     Install it as `TunnelHandler.interceptor`; build it with `from_config()`.
     """
 
-    def __init__(self, leaves: LeafCertificates, handlers: InterceptedHandlers) -> None:
+    def __init__(self, leaves: LeafCertificates, handlers: TunnelledHandlers) -> None:
         self.leaves = leaves
         self._handlers = handlers
 
     @classmethod
     def from_config(
-        cls, config: TlsInterceptConfig, handlers: InterceptedHandlers, *, source: str = "<config>"
+        cls, config: TlsInterceptConfig, handlers: TunnelledHandlers, *, source: str = "<config>"
     ) -> TlsInterceptor:
         """Load or generate the CA (writing `write_ca_cert_to`); `ConfigError` if it cannot."""
         try:
@@ -157,25 +133,12 @@ class TlsInterceptor:
         return self.leaves.authority
 
     async def __call__(self, conn: ClientConnection, host: str, port: int) -> None:
+        """Take over `conn`, whose client was answered 200 and is about to start TLS (its
+        ClientHello waits in the socket: `TunnelHandler` has only peeked at it)."""
         transport = conn.transport
         if transport is None or conn.closed:
             return
         context = self.leaves.context_for(host)
-        early = conn.take_over(_DETACHED)
-        # take_over resumes reading, but the client's ClientHello must reach the TLS
-        # layer, which start_tls installs: until then it stays in the socket.
-        conn.pause_reading()
-        if early:
-            # Bytes sent before our 200 would have to be fed to a TLS layer that did not
-            # exist yet. Clients wait for the answer (it says whether there is a tunnel
-            # at all) before they start TLS; refuse the rare one that does not.
-            conn.send_error(
-                BadRequest("data was sent before the CONNECT response; wait for 200"),
-                keep_alive=False,
-            )
-            conn.close()
-            return
-        conn.write(CONNECTION_ESTABLISHED)
         handover = _Handover()
         loop = asyncio.get_running_loop()
         listener = conn.listener
@@ -199,7 +162,7 @@ class TlsInterceptor:
         if tls_transport is None:
             return
         decrypted = ClientConnection(
-            listener, self._handlers.intercepted_handler(host, port), listener.limits
+            listener, self._handlers.tunnelled_handler("https", host, port), listener.limits
         )
         handover.hand_over(decrypted, tls_transport)
         if log.isEnabledFor(logging.DEBUG):

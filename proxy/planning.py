@@ -18,7 +18,7 @@ from proxy.errors import BadRequest, HostNotAllowed, ProxyError
 from proxy.hosts import is_loopback_host
 from proxy.messages import RequestHead
 from proxy.metrics import UNMATCHED
-from proxy.routing import Target, parse_absolute_target, split_authority
+from proxy.routing import DEFAULT_PORTS, Target, parse_absolute_target, split_authority
 from proxy.runtime import Route, RuntimeHolder
 from proxy.upstream_pool import Origin
 
@@ -79,8 +79,9 @@ class Planners:
             raise
         return Plan(route, route.origin, route.host_header, path)
 
-    def plan_intercepted(self, host: str, port: int, head: RequestHead) -> Plan:
-        """A request decrypted from a CONNECT tunnel: its destination is the tunnel's."""
+    def plan_tunnelled(self, scheme: str, host: str, port: int, head: RequestHead) -> Plan:
+        """A request from inside a CONNECT tunnel: decrypted (`https`), or plain HTTP the
+        client sent through it (`http`). Its destination is the tunnel's."""
         check_host_fields(head)
         if not head.target.startswith(b"/"):
             target = parse_absolute_target(head.target)
@@ -91,13 +92,13 @@ class Planners:
             path = head.target
             (authority,) = head.hosts or (b"",)
             try:
-                named = split_authority(authority.decode("ascii"), 443)
+                named = split_authority(authority.decode("ascii"), DEFAULT_PORTS[scheme])
             except UnicodeDecodeError:
                 raise BadRequest("Host header is not ASCII") from None
             if named != (host, port):
                 # Host confusion: the token would be chosen for one host and sent to another.
                 raise BadRequest("Host header does not match the CONNECT authority")
-        return self.plan_target(Target("https", host, port, path))
+        return self.plan_target(Target(scheme, host, port, path))
 
     def plan_target(self, target: Target) -> Plan:
         runtime = self._holder.current

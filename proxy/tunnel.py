@@ -3,8 +3,12 @@
 `TunnelHandler.handle_connect` decides what a `CONNECT host:port` gets:
 
 * a host no upstream matches: a byte-for-byte tunnel (or 403 under `unknown_hosts: deny`);
-* a configured host: TLS interception when `tls_intercept` is set, so the token can be
-  added inside; otherwise 403, because a tunnel would carry the request unauthenticated.
+* a configured host: 200, then a look at the client's first bytes: TLS goes to
+  interception (when `tls_intercept` is set, so the token can be added inside), plain
+  HTTP is served as requests to that host with its token, anything else is refused.
+  Without interception, port 443 is refused with 403 at once: it carries TLS, and a
+  tunnel would carry the requests unauthenticated. Nothing to a configured host is ever
+  tunnelled opaquely.
 
 `splice()` joins a client connection and an upstream transport: both directions, with
 back-pressure (a full write buffer on one side pauses reading on the other), half-close
@@ -15,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Protocol, cast
 
-from proxy.client_connection import ClientConnection
+from proxy.client_connection import ClientConnection, RequestHandler
 from proxy.errors import (
     BadRequest,
     HostNotAllowed,
@@ -42,6 +48,15 @@ CONNECTION_ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 # requests inside the TLS session. Installed by the TLS interception module.
 Interceptor = Callable[[ClientConnection, str, int], Awaitable[None]]
 
+_TLS_HANDSHAKE_RECORD = 0x16  # the first byte of a ClientHello (RFC 8446 §5.1)
+_PEEK_BYTES = 16
+
+
+class TunnelledHandlers(Protocol):
+    """What serves the requests inside a tunnel: `proxy.forward.Forwarder` is one."""
+
+    def tunnelled_handler(self, scheme: str, host: str, port: int) -> RequestHandler: ...
+
 
 class _UpstreamSide(asyncio.Protocol):
     """The upstream end of a splice."""
@@ -54,7 +69,9 @@ class _UpstreamSide(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self._pipe.upstream_eof()
-        return True
+        # Keep our write side open (half-close), which a TLS transport cannot do: it
+        # closes anyway, and warns if told otherwise.
+        return None if self._pipe.upstream_over_tls else True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._pipe.upstream_lost()
@@ -74,6 +91,7 @@ class _Pipe:
     ) -> None:
         self.client = client
         self.upstream = upstream
+        self.upstream_over_tls = upstream.get_extra_info("sslcontext") is not None
         self._idle_timeout = idle_timeout
         self._loop = asyncio.get_running_loop()
         self._last_activity = self._loop.time()
@@ -165,6 +183,7 @@ class TunnelHandler:
         self._holder = holder
         self._metrics = metrics
         self.interceptor: Interceptor | None = None
+        self.handlers: TunnelledHandlers | None = None  # set by the application
         self._refusals = ThrottledLog(log)
 
     async def handle_connect(self, conn: ClientConnection, head: RequestHead) -> bool:
@@ -187,7 +206,8 @@ class TunnelHandler:
                 )
             if claimants:
                 upstream = claimants[0]
-                if self.interceptor is None:
+                if (port == 443 and self.interceptor is None) or self.handlers is None:
+                    # Port 443 carries TLS: without interception, say so before any tunnel.
                     raise HostNotAllowed(
                         f"{host}:{port} belongs to upstream '{upstream.name}', whose token "
                         "cannot be added inside an opaque TLS tunnel. Enable tls_intercept "
@@ -195,8 +215,7 @@ class TunnelHandler:
                         f"url: https://{host}",
                         upstream=upstream.name,
                     )
-                self._metrics.tunnels.labels(upstream=label, outcome="intercepted").inc()
-                await self.interceptor(conn, host, port)
+                await self._open_claimed(conn, host, port, upstream.name)
                 return False
             if config.unknown_hosts == "deny":
                 raise HostNotAllowed(f"{host} matches no configured upstream (unknown_hosts: deny)")
@@ -218,6 +237,128 @@ class TunnelHandler:
         conn.write(CONNECTION_ESTABLISHED)
         splice(conn, transport, b"", idle_timeout=conn.listener.limits.tunnel_idle_timeout)
         return False
+
+    async def _open_claimed(
+        self, conn: ClientConnection, host: str, port: int, upstream: str
+    ) -> None:
+        """A tunnel to a configured host: 200, then a look at the client's first bytes.
+
+        A TLS ClientHello goes to interception; plain HTTP (undici's proxy agent, most
+        WebSocket clients and `curl -p` send CONNECT even for http:// and ws://) is served
+        as requests to that host, with its token, like absolute-form requests; anything
+        else is refused. Nothing passes through opaquely.
+        """
+        transport = conn.transport
+        if transport is None or conn.closed:
+            return
+        early = conn.take_over(_DETACHED)
+        # take_over resumes reading; what follows stays in the socket, to be peeked at.
+        conn.pause_reading()
+        if early:
+            # Bytes sent before our 200 would have to be fed to a TLS layer that does
+            # not exist yet. Clients wait for the answer (it says whether there is a
+            # tunnel at all); refuse the rare one that does not.
+            self._refuse_inside(conn, upstream, "data was sent before the CONNECT response")
+            conn.send_error(
+                BadRequest("data was sent before the CONNECT response; wait for 200"),
+                keep_alive=False,
+            )
+            conn.close()
+            return
+        conn.write(CONNECTION_ESTABLISHED)
+        try:
+            async with asyncio.timeout(conn.listener.limits.header_timeout):
+                first = await _peek(transport)
+        except (TimeoutError, OSError):
+            first = b""
+        if not first or conn.closed:
+            conn.close()
+            return
+        if first[0] == _TLS_HANDSHAKE_RECORD:
+            if self.interceptor is None:
+                self._refuse_inside(
+                    conn,
+                    upstream,
+                    f"TLS to {host}:{port} cannot carry a token without tls_intercept",
+                )
+                conn.close()
+                return
+            self._metrics.tunnels.labels(upstream=upstream, outcome="intercepted").inc()
+            await self.interceptor(conn, host, port)
+            return
+        if not first[:1].isalpha() or self.handlers is None:  # a method is a token of letters
+            self._refuse_inside(conn, upstream, "neither TLS nor HTTP inside the tunnel")
+            conn.close()
+            return
+        self._metrics.tunnels.labels(upstream=upstream, outcome="plain_http").inc()
+        listener = conn.listener
+        conn.connection_lost(None)  # the plain connection below counts in its place
+        plain = ClientConnection(
+            listener, self.handlers.tunnelled_handler("http", host, port), listener.limits
+        )
+        transport.set_protocol(plain)
+        plain.connection_made(transport)
+        if not transport.is_closing():
+            transport.resume_reading()  # paused for the peek, by the connection before
+
+    def _refuse_inside(self, conn: ClientConnection, upstream: str, reason: str) -> None:
+        self._metrics.tunnels.labels(upstream=upstream, outcome="refused").inc()
+        self._refusals.log(
+            logging.WARNING,
+            f"{upstream}:inside:{reason[:40]}",
+            "CONNECT tunnel of upstream %s from %s closed: %s",
+            upstream,
+            conn.peer,
+            reason,
+        )
+
+
+async def _peek(transport: asyncio.BaseTransport) -> bytes:
+    """The first bytes waiting in `transport`'s socket, left there (MSG_PEEK).
+
+    The transport's reading must be paused. The event loop will not watch a descriptor
+    that a transport owns, so a duplicate of it is watched instead.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return b""
+    loop = asyncio.get_running_loop()
+    duplicate = socket.socket(fileno=os.dup(sock.fileno()))
+    duplicate.setblocking(False)
+    arrived: asyncio.Future[bytes] = loop.create_future()
+
+    def readable() -> None:
+        if arrived.done():
+            return
+        try:
+            arrived.set_result(duplicate.recv(_PEEK_BYTES, socket.MSG_PEEK))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            arrived.set_exception(exc)
+
+    loop.add_reader(duplicate.fileno(), readable)
+    try:
+        return await arrived
+    finally:
+        loop.remove_reader(duplicate.fileno())
+        duplicate.close()
+
+
+class _Detached:
+    """The `RawSink` of a connection whose socket now belongs to another protocol."""
+
+    def data_from_client(self, data: bytes) -> None:
+        pass
+
+    def client_eof(self) -> None:
+        pass
+
+    def client_lost(self) -> None:
+        pass
+
+
+_DETACHED = _Detached()
 
 
 class _Holding(asyncio.Protocol):

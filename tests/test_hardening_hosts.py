@@ -705,8 +705,9 @@ async def test_a_configured_host_never_leaves_without_its_token_through_any_port
     entry: str,
     claimed: set[tuple[str, int]],
 ) -> None:
-    # No interception: a claimed port through CONNECT must be refused (the token cannot
-    # go inside an opaque tunnel), and through absolute form must carry the token.
+    # No interception: a claimed port through CONNECT is refused (443: the token cannot
+    # go inside TLS) or serves the plain HTTP inside with the token; absolute form
+    # must carry the token.
     # Unclaimed ports are refused under `unknown_hosts: deny`, so nothing is resolved.
     config = upstream_config("inventory", [entry], token_config(token_server), url=upstream.url)
     app = await start_proxy(
@@ -714,10 +715,26 @@ async def test_a_configured_host_never_leaves_without_its_token_through_any_port
     )
     for port in (80, 443, 8080):
         authority = f"vm.internal:{port}"
-        tunnel = await ask(app.port, request(authority, method="CONNECT", host=authority))
-        assert tunnel.status == 403, authority
         tunnelled_to_claimed = any(port == claimed_port for _, claimed_port in claimed)
-        assert tunnel.json()["upstream"] == ("inventory" if tunnelled_to_claimed else None)
+        before = len(upstream.received)
+        if tunnelled_to_claimed and port != 443:
+            # Plain HTTP inside the tunnel is served as requests to the host, with its token.
+            reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+            try:
+                writer.write(request(authority, method="CONNECT", host=authority))
+                connected = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                assert connected.startswith(b"HTTP/1.1 200 "), authority
+                writer.write(request("/x", host=authority))
+                answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                assert answer.startswith(b"HTTP/1.1 200 "), authority
+            finally:
+                writer.close()
+            assert credentials(upstream)[before:] == [[bearer(token_server)]], authority
+        else:
+            # 443 without interception carries TLS: refused before any tunnel.
+            tunnel = await ask(app.port, request(authority, method="CONNECT", host=authority))
+            assert tunnel.status == 403, authority
+            assert tunnel.json()["upstream"] == ("inventory" if tunnelled_to_claimed else None)
         for scheme in ("http", "https"):
             before = len(upstream.received)
             target = f"{scheme}://{authority}/x"

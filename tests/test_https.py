@@ -59,6 +59,7 @@ from tests.conftest import (
 )
 from tests.support.token_server import TokenServer
 from tests.support.upstream import Upstream
+from tests.support.waiting import eventually
 
 UTC = datetime.UTC
 
@@ -473,6 +474,65 @@ async def test_request_naming_another_host_inside_the_tunnel_gets_no_token(
     assert status == 400
     assert json.loads(body)["error"] == "bad_request"
     assert https_upstream.received == []
+
+
+async def test_a_closed_intercepted_websocket_leaves_no_asyncio_warning(
+    start_intercepting: StartIntercepting,
+    https_upstream: Upstream,
+    https_token_server: TokenServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = await start_intercepting()
+    url = f"wss://localhost:{https_upstream.port}/ws"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url, proxy=proxy_url(proxy.app), ssl=proxy.client_context()) as ws,
+    ):
+        hello = json.loads(await ws.receive_str())
+        assert hello["authorization"] == f"Bearer {https_token_server.issued[-1]}"
+        await ws.send_str("ping")
+        assert await ws.receive_str() == "echo:ping"
+
+    async def all_closed() -> bool:
+        listener = proxy.app.forward_listener
+        return listener is not None and not listener.connections
+
+    await eventually(all_closed)
+    assert "has no effect when using ssl" not in caplog.text
+
+
+async def test_plain_http_inside_an_intercepting_tunnel_is_served_with_the_token(
+    start_intercepting: StartIntercepting,
+    https_upstream: Upstream,
+    https_token_server: TokenServer,
+) -> None:
+    # undici's EnvHttpProxyAgent tunnels http:// too: the proxy sees HTTP, not a
+    # ClientHello, and serves it (TLS onward to the upstream's url) instead of failing
+    # the handshake.
+    proxy = await start_intercepting(url=f"https://localhost:{https_upstream.port}")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.app.port)
+    target = b"localhost:%d" % https_upstream.port
+    writer.write(b"CONNECT " + target + b" HTTP/1.1\r\nHost: " + target + b"\r\n\r\n")
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        status, _, body = await exchange(
+            reader, writer, b"GET /api/plain HTTP/1.1\r\nHost: " + target + b"\r\n\r\n"
+        )
+    finally:
+        await close(writer)
+    assert status == 200
+    assert json.loads(body)["path"] == "/api/plain"
+    seen = https_upstream.received[-1]
+    assert seen.header("Authorization") == f"Bearer {https_token_server.issued[-1]}"
+    assert tunnel_count(proxy.app, "plain_http") == 1
+
+
+def tunnel_count(app: ProxyApp, outcome: str) -> float:
+    value = app.metrics.registry.get_sample_value(
+        "token_proxy_tunnels_total", {"upstream": "inventory", "outcome": outcome}
+    )
+    return value or 0.0
 
 
 async def test_bytes_sent_before_the_connect_answer_are_refused(
@@ -972,7 +1032,7 @@ def test_leaf_chain_loads_from_memory_either_way(tmp_path: Path, use_memfd: bool
 
 
 class _NoHandlers:
-    def intercepted_handler(self, host: str, port: int) -> Any:
+    def tunnelled_handler(self, scheme: str, host: str, port: int) -> Any:
         raise AssertionError("not reached")
 
 

@@ -8,6 +8,7 @@ would carry its requests without the token. Real servers on 127.0.0.1, real clie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -264,11 +265,12 @@ async def test_configured_host_without_interception_is_refused_with_an_explanati
     start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
 ) -> None:
     inventory = upstream_config(
-        "inventory", [f"127.0.0.1:{upstream.port}"], token_config(token_server)
+        "inventory", ["inventory.internal"], token_config(token_server), url=upstream.url
     )
-    app = await start_proxy(proxy_config(inventory, connect_ports=(upstream.port,)))
+    app = await start_proxy(proxy_config(inventory))
     await token_server.wait_for_issued(1)  # a token is at hand, and still never sent
-    reply = await refused(app.port, b"127.0.0.1:%d" % upstream.port)
+    # Port 443 carries TLS: refused before any tunnel, with what to do instead.
+    reply = await refused(app.port, b"inventory.internal:443")
     assert reply.status == 403
     body = reply.json()
     assert body["error"] == "host_not_allowed"
@@ -276,6 +278,101 @@ async def test_configured_host_without_interception_is_refused_with_an_explanati
     detail = str(body["detail"])
     assert "tls_intercept" in detail
     assert "url: https://" in detail
+    assert upstream.received == []
+    assert tunnels(app, "inventory", "refused") == 1
+
+
+async def test_tls_inside_a_tunnel_to_a_configured_port_without_interception_is_closed(
+    start_proxy: StartProxy,
+    token_server: TokenServer,
+    upstream: Upstream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Another port may carry plain HTTP, so the tunnel opens; a ClientHello then ends it.
+    inventory = upstream_config(
+        "inventory", [f"127.0.0.1:{upstream.port}"], token_config(token_server)
+    )
+    app = await start_proxy(proxy_config(inventory, connect_ports=(upstream.port,)))
+    reply, _, writer = await send_connect(app.port, b"127.0.0.1:%d" % upstream.port)
+    assert reply.status == 200
+    client_context = ssl.create_default_context()
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await asyncio.wait_for(writer.start_tls(client_context, server_hostname="x"), 10)
+    writer.close()
+    assert upstream.received == []
+    assert tunnels(app, "inventory", "refused") == 1
+    assert "cannot carry a token without tls_intercept" in caplog.text
+
+
+async def test_plain_http_inside_a_tunnel_to_a_configured_host_gets_the_token(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    # undici's proxy agent, WebSocket clients and `curl -p` tunnel even http:// requests.
+    inventory = upstream_config(
+        "inventory", [f"127.0.0.1:{upstream.port}"], token_config(token_server)
+    )
+    app = await start_proxy(proxy_config(inventory, connect_ports=(upstream.port,)))
+    authority = b"127.0.0.1:%d" % upstream.port
+    reply, reader, writer = await send_connect(app.port, authority)
+    assert reply.status == 200
+    for index in range(2):  # keep-alive inside the tunnel
+        writer.write(b"GET /api/%d HTTP/1.1\r\nHost: %s\r\n\r\n" % (index, authority))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        assert json.loads(await reader.readexactly(length))["path"] == f"/api/{index}"
+    # A Host naming another host inside this tunnel is refused.
+    writer.write(b"GET /x HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 400 ")
+    writer.close()
+    assert [seen.header("Authorization") for seen in upstream.received] == [
+        f"Bearer {token_server.issued[-1]}"
+    ] * 2
+    assert tunnels(app, "inventory", "plain_http") == 1
+
+
+async def test_curl_through_a_tunnel_to_a_configured_host_gets_the_token(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    inventory = upstream_config(
+        "inventory", [f"127.0.0.1:{upstream.port}"], token_config(token_server)
+    )
+    app = await start_proxy(proxy_config(inventory, connect_ports=(upstream.port,)))
+    process = await asyncio.create_subprocess_exec(
+        "curl",
+        "-sS",
+        "-p",
+        "-x",
+        proxy_url(app),
+        f"http://127.0.0.1:{upstream.port}/api/c",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err
+    assert json.loads(out)["path"] == "/api/c"
+    assert upstream.received[-1].header("Authorization") == f"Bearer {token_server.issued[-1]}"
+
+
+async def test_neither_tls_nor_http_inside_a_tunnel_is_refused(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    inventory = upstream_config(
+        "inventory", [f"127.0.0.1:{upstream.port}"], token_config(token_server)
+    )
+    app = await start_proxy(proxy_config(inventory, connect_ports=(upstream.port,)))
+    reply, reader, writer = await send_connect(app.port, b"127.0.0.1:%d" % upstream.port)
+    assert reply.status == 200
+    writer.write(b"\x00\x01binary")
+    # Closed with the bytes unread: an end or a reset, and nothing else.
+    with contextlib.suppress(ConnectionResetError):
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
     assert upstream.received == []
     assert tunnels(app, "inventory", "refused") == 1
 
