@@ -132,7 +132,8 @@ class ProxyApp:
     async def _start_provider(self, upstream: UpstreamConfig) -> TokenProvider:
         self.metrics.register_upstream(upstream.name)
         if upstream.token.client_secret is not None:
-            # Defence in depth: the log formatter masks this exact string wherever it appears.
+            # Defence in depth: the log formatter masks this exact string in the token
+            # code's lines, where a token endpoint might echo it (see proxy/logs.py).
             register_secret(upstream.token.client_secret.reveal())
         provider = TokenProvider(
             upstream.name,

@@ -1,9 +1,9 @@
 """The `token-proxy` command line: `run`, `check`, `demo` and `--version`.
 
 Thin by design: it finds the config file (`--config`, else `TOKEN_PROXY_CONFIG`),
-loads it, and either prints a summary (`check`) or hands it to `proxy.app.run_proxy`
-(`run`). A configuration problem is one line on stderr and exit code 2, never a
-traceback. `python -m proxy` runs the same `main`.
+loads it, and either prints a summary and any warnings (`check`) or hands it to
+`proxy.app.run_proxy` (`run`). A configuration problem is one line on stderr and exit
+code 2, never a traceback. `python -m proxy` runs the same `main`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 
 from proxy import __version__
 from proxy.config import ConfigError, ProxyConfig, UpstreamConfig, load_config
+from proxy.config_load import short_secret_warnings
 
 PROG = "token-proxy"
 CONFIG_ENV = "TOKEN_PROXY_CONFIG"
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             except AuthorityError as error:
                 return _fail(f"{config.source}: tls_intercept.{error.key}: {error.problem}")
         print(summary(config))
+        for warning in short_secret_warnings(config):
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
         return 0
     # Imported here so `check` works without the server's dependencies loaded.
     from proxy.app import run_proxy

@@ -1247,3 +1247,36 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> P
         ) from None
     loader = _Loader(file, Path(path).parent, os.environ if environ is None else environ)
     return loader.proxy(document)
+
+
+# A client secret shorter than this is easy to guess; `check` and start-up warn about it.
+MIN_SECRET_LENGTH = 8
+
+
+def short_secret_warnings(config: ProxyConfig) -> list[str]:
+    """One line per upstream whose client secret is shorter than `MIN_SECRET_LENGTH`.
+
+    Not errors: the authorization server decides what it accepts. The lines name the
+    key, never the secret or its length. A secret file is read as a fetch reads it.
+    """
+    warnings = []
+    for upstream in config.upstreams:
+        token = upstream.token
+        if token.auth_method not in ("client_secret_basic", "client_secret_post"):
+            continue
+        if token.client_secret_file is not None:
+            key = "client_secret_file"
+            try:
+                secret = token.client_secret_file.read_text(encoding="utf-8").rstrip("\r\n")
+            except (OSError, UnicodeDecodeError):
+                continue  # the fetch reports it
+        elif token.client_secret is not None:
+            key, secret = "client_secret", token.client_secret.reveal()
+        else:
+            continue
+        if len(secret) < MIN_SECRET_LENGTH:
+            warnings.append(
+                f"{config.source}: upstreams.{upstream.name}.token.{key}: the client secret is "
+                f"shorter than {MIN_SECRET_LENGTH} characters, which is easy to guess"
+            )
+    return warnings

@@ -21,8 +21,15 @@ Everything that ends up in a line (the formatted message, every field value and
 the exception text) is passed through `redact()` after formatting and before it
 is escaped for the output format, so masking never breaks JSON escaping. It masks
 ``Bearer``/``Basic`` credentials, the values of secret-named keys in JSON-like and
-form-like text, JWT-looking strings, values of fields whose *name* is secret-like,
-and exact strings registered with `register_secret()`.
+form-like text, JWT-looking strings and values of fields whose *name* is secret-like,
+in every line: these are recognised by their form, so masking them tells a reader
+nothing about a secret's value.
+
+Exact strings registered with `register_secret()` (client secrets) are masked only in
+lines of the loggers in `SECRET_BEARING_LOGGERS`: the token code, which reports what
+token endpoints answer, the one place such a string can legitimately turn up (an
+endpoint echoing the request). Masking an exact string everywhere would confirm a
+guess: with the secret ``proxy``, "token-proxy started" would read "token-*** started".
 """
 
 from __future__ import annotations
@@ -105,6 +112,10 @@ _SECRET_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 # Cheap test before running the patterns: nearly all log text has none of these.
 _TRIGGER = re.compile(rf"(?i)bearer|basic|{_KEYS}|eyJ")
 
+# The loggers (and their children) whose lines carry token-endpoint answers and errors:
+# the only lines in which registered strings are masked.
+SECRET_BEARING_LOGGERS = ("token_proxy.tokens",)
+
 # Exact strings to mask, e.g. client secrets and issued tokens, registered by the
 # code that knows them. Reference-counted (two upstreams may share a secret) and
 # bounded, since every registered string costs a scan of every logged string.
@@ -115,7 +126,7 @@ _registered_lock = threading.Lock()
 
 
 def register_secret(value: str) -> None:
-    """Mask `value` wherever it appears in a log line from now on.
+    """Mask `value` from now on in the lines of `SECRET_BEARING_LOGGERS`.
 
     Each call should be matched by one `forget_secret()`. When more than
     `MAX_REGISTERED_SECRETS` distinct strings are registered the oldest is dropped.
@@ -144,11 +155,13 @@ def forget_secret(value: str) -> None:
         _registered_longest_first = tuple(sorted(_registered, key=len, reverse=True))
 
 
-def redact(text: str) -> str:
-    """`text` with every credential form this module knows replaced by ``***``."""
-    for secret in _registered_longest_first:
-        if secret in text:
-            text = text.replace(secret, MASK)
+def redact(text: str, *, registered: bool = True) -> str:
+    """`text` with every credential form this module knows replaced by ``***``, and the
+    registered strings too unless `registered` is false."""
+    if registered:
+        for secret in _registered_longest_first:
+            if secret in text:
+                text = text.replace(secret, MASK)
     if _TRIGGER.search(text) is None:
         return text
     for pattern, replacement in _SECRET_PATTERNS:
@@ -159,7 +172,7 @@ def redact(text: str) -> str:
 FieldValue = str | int | float | bool | None | list["FieldValue"] | dict[str, "FieldValue"]
 
 
-def _clean_value(value: object) -> FieldValue:
+def _clean_value(value: object, registered: bool) -> FieldValue:
     """A JSON-safe, redacted copy of a field value; unknown objects become their `str`."""
     if value is None or isinstance(value, bool | int):
         return value
@@ -167,18 +180,25 @@ def _clean_value(value: object) -> FieldValue:
         # NaN/Infinity are not JSON; keep the line parseable.
         return value if math.isfinite(value) else str(value)
     if isinstance(value, str):
-        return redact(value)
+        return redact(value, registered=registered)
     if isinstance(value, Mapping):
-        return {str(k): _clean_field(str(k), v) for k, v in value.items()}
+        return {str(k): _clean_field(str(k), v, registered) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
-        return [_clean_value(item) for item in value]
-    return redact(str(value))
+        return [_clean_value(item, registered) for item in value]
+    return redact(str(value), registered=registered)
 
 
-def _clean_field(name: str, value: object) -> FieldValue:
+def _clean_field(name: str, value: object, registered: bool) -> FieldValue:
     if value is not None and name.lower() in SECRET_KEYS:
         return MASK
-    return _clean_value(value)
+    return _clean_value(value, registered)
+
+
+def _bears_secrets(logger_name: str) -> bool:
+    """Whether lines of `logger_name` may carry token-endpoint text (see the module doc)."""
+    return any(
+        logger_name == name or logger_name.startswith(name + ".") for name in SECRET_BEARING_LOGGERS
+    )
 
 
 # Everything a LogRecord carries by itself; any other attribute came from `extra=`.
@@ -205,19 +225,24 @@ class LineFormatter(logging.Formatter):
         self.line_format = fmt
 
     def format(self, record: logging.LogRecord) -> str:
-        message = redact(record.getMessage())
+        registered = _bears_secrets(record.name)
+        message = redact(record.getMessage(), registered=registered)
         fields: dict[str, FieldValue] = {}
         for name, value in record.__dict__.items():
             if name in _RECORD_ATTRIBUTES or name.startswith("_"):
                 continue
             key = f"{name}_" if name in _LINE_KEYS else name
-            fields[key] = _clean_field(name, value)
+            fields[key] = _clean_field(name, value, registered)
         exc: str | None = None
         if record.exc_info:
-            exc = redact(self.formatException(record.exc_info))
+            exc = redact(self.formatException(record.exc_info), registered=registered)
         elif record.exc_text:
-            exc = redact(record.exc_text)
-        stack = redact(self.formatStack(record.stack_info)) if record.stack_info else None
+            exc = redact(record.exc_text, registered=registered)
+        stack = (
+            redact(self.formatStack(record.stack_info), registered=registered)
+            if record.stack_info
+            else None
+        )
         if self.line_format == "json":
             return self._json_line(record, message, fields, exc, stack)
         return self._text_line(record, message, fields, exc, stack)

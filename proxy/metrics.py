@@ -88,6 +88,12 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.token_lifetime_clamped = Counter(
+            "token_proxy_token_lifetime_clamped_total",
+            "Tokens whose lifetime was raised to the shortest lifetime the proxy gives one.",
+            ["upstream"],
+            registry=r,
+        )
         # Counted per request on the hot path: plain integers, exported at scrape time.
         self.request_stats = RequestStats()
         r.register(self.request_stats)
@@ -140,6 +146,7 @@ class Metrics:
         self.token_fetch_duration.labels(upstream=name)
         self.token_expiry_timestamp.labels(upstream=name).set(0)
         self.token_expires_in.labels(upstream=name).set(0)
+        self.token_lifetime_clamped.labels(upstream=name)
         self.upstream_unauthorized_retries.labels(upstream=name)
         self.token_unavailable.labels(upstream=name)
 
@@ -150,6 +157,7 @@ class Metrics:
             self.token_fetch_duration,
             self.token_expiry_timestamp,
             self.token_expires_in,
+            self.token_lifetime_clamped,
             self.upstream_unauthorized_retries,
             self.token_unavailable,
         ):

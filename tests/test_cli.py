@@ -257,3 +257,27 @@ def test_demo_receives_its_own_arguments() -> None:
     assert result.stdout.startswith("usage: ")
     assert " demo " in result.stdout.splitlines()[0]
     assert "run a self-contained demonstration" not in result.stdout  # not our --help
+
+
+def test_check_warns_about_short_client_secrets(
+    good_config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short secret is easy to guess: `check` says so, on stderr, and still exits 0."""
+    monkeypatch.delenv("TOKEN_PROXY_CONFIG", raising=False)
+    monkeypatch.setenv("BILLING_SECRET", "proxy")
+    (good_config.parent / "client-secret").write_text("s3cr3t\n")
+    assert main(["check", "--config", str(good_config)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0] == f"{good_config}: OK"
+    assert captured.err.splitlines() == [
+        f"token-proxy: warning: {good_config}: upstreams.{name}.token.{key}: the client "
+        "secret is shorter than 8 characters, which is easy to guess"
+        for name, key in (("inventory", "client_secret_file"), ("billing", "client_secret"))
+    ]
+    assert "s3cr3t" not in captured.out + captured.err
+    assert "proxy" not in captured.err.replace("token-proxy", "").replace("/proxy.yaml", "")
+
+    monkeypatch.setenv("BILLING_SECRET", SECRET)
+    (good_config.parent / "client-secret").write_text(SECRET + "\n")
+    assert main(["check", "--config", str(good_config)]) == 0
+    assert capsys.readouterr().err == ""

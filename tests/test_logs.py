@@ -17,6 +17,8 @@ from proxy.config import LogFormat
 from proxy.logs import MASK, configure_logging, forget_secret, log_access, register_secret
 
 LOG = logging.getLogger("token_proxy.test")
+# The token code's loggers: their lines carry what token endpoints answer.
+TOKENS_LOG = logging.getLogger("token_proxy.tokens.client")
 
 TOKEN = "tok-4f9Qx7LmZ2"
 CLIENT_SECRET = "s3cr3t-Vb81Kq"
@@ -234,17 +236,42 @@ def test_registered_secrets_are_masked_until_forgotten() -> None:
     opaque = "Zq7-opaque-value"  # matches no pattern: only registration can mask it
     register_secret(opaque)
     register_secret(opaque)  # e.g. two upstreams with the same client secret
-    LOG.info("one: %s", opaque, extra={"value": f"x{opaque}x"})
+    TOKENS_LOG.info("one: %s", opaque, extra={"value": f"x{opaque}x"})
     forget_secret(opaque)
-    LOG.info("two: %s", opaque)
+    TOKENS_LOG.info("two: %s", opaque)
     forget_secret(opaque)
-    LOG.info("three: %s", opaque)
+    TOKENS_LOG.info("three: %s", opaque)
     one, two, three = lines(out)
     assert opaque not in one
     assert "one: ***" in one
     assert "value=x***x" in one
     assert opaque not in two
     assert three.endswith(f"three: {opaque}")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_registered_secrets_are_masked_only_where_token_endpoints_answer(fmt: LogFormat) -> None:
+    """Masking a short secret everywhere would confirm a guess of it to a log reader."""
+    out = configured(fmt)
+    register_secret("proxy")
+    logging.getLogger("token_proxy.app").info(
+        "token-proxy started", extra={"listen": "127.0.0.1:15080", "note": "proxy port"}
+    )
+    try:
+        raise RuntimeError("the proxy stopped")
+    except RuntimeError:
+        logging.getLogger("token_proxy.forward").warning("proxy error", exc_info=True)
+    TOKENS_LOG.warning(
+        "token endpoint answered HTTP 400: bad secret proxy", extra={"error": "echoed proxy"}
+    )
+    started, failed, endpoint = lines(out)
+    assert "token-proxy started" in started
+    assert "proxy port" in started
+    assert MASK not in started
+    assert "the proxy stopped" in failed
+    assert MASK not in failed
+    assert "proxy" not in endpoint.replace("token_proxy.tokens", "")
+    assert endpoint.count(MASK) == 2
 
 
 def test_registered_secrets_are_bounded() -> None:

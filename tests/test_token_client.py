@@ -32,7 +32,7 @@ from proxy.errors import (
 from proxy.tls_context import client_ssl_context
 from proxy.tokens import TokenClient, TokenResponse, discover_token_endpoint
 from proxy.tokens.assertion import JWT_BEARER_ASSERTION_TYPE, sign_client_assertion
-from proxy.tokens.client import MAX_LIFETIME, parse_retry_after
+from proxy.tokens.client import MAX_LIFETIME, parse_retry_after, token_lifetime
 from tests.support.token_server import OMIT, Failure, TokenServer
 
 CLIENT_ID = "order-service"
@@ -575,6 +575,104 @@ async def test_an_already_expired_jwt_is_refused(session: aiohttp.ClientSession)
     async with TokenServer(clients={CLIENT_ID: SECRET}, token_format="jwt", jwt_lifetime=-60) as ts:
         with pytest.raises(InvalidTokenResponse, match="already expired"):
             await fetch(session, token_config(ts.url))
+
+
+def _jwt(**claims: float) -> str:
+    return jwt.encode({"sub": CLIENT_ID, **claims}, "k" * 32, algorithm="HS256")
+
+
+@pytest.mark.parametrize("expires_in", [20, None], ids=["expires_in", "no_expires_in"])
+@pytest.mark.parametrize("step", [0.0, 3600.0, -3600.0], ids=["none", "plus_1h", "minus_1h"])
+def test_a_jwt_lifetime_does_not_depend_on_the_wall_clock(
+    expires_in: int | None, step: float
+) -> None:
+    issued = int(time.time())
+    token = _jwt(iat=issued, exp=issued + 20)
+    lifetime, source = token_lifetime(
+        expires_in, token, default_lifetime=77.0, now=time.time() + step
+    )
+    assert lifetime == 20
+    assert source == ("expires_in" if expires_in else "jwt_exp")
+
+
+def test_a_shorter_jwt_exp_minus_iat_bounds_expires_in() -> None:
+    issued = int(time.time()) + 7200  # a clock far off makes no difference
+    token = _jwt(iat=issued, exp=issued + 30)
+    assert token_lifetime(3600, token, default_lifetime=77.0) == (30, "jwt_exp")
+
+
+def test_a_jwt_with_only_exp_expired_by_the_wall_clock_gets_the_default_lifetime() -> None:
+    # Nothing tells whether the token or the local clock is wrong: refusing it would retry
+    # in a loop that a wrong clock never ends; the upstream's 401 replaces a bad token.
+    token = _jwt(exp=int(time.time()) + 20)
+    assert token_lifetime(None, token, default_lifetime=77.0, now=time.time() + 3600) == (
+        77.0,
+        "default",
+    )
+    assert token_lifetime(None, token, default_lifetime=77.0)[1] == "jwt_exp"
+
+
+async def test_a_wall_clock_that_disagrees_with_iat_is_logged_once_per_change(
+    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="token_proxy")
+    offset = [0.0]
+    async with TokenServer(clients={CLIENT_ID: SECRET}, token_format="jwt", expires_in=60) as ts:
+        config = token_config(ts.url)
+        client = TokenClient(
+            config, session, upstream="inventory", wall_clock=lambda: time.time() + offset[0]
+        )
+
+        def logged() -> list[tuple[int, bool]]:
+            return [
+                (r.levelno, r.__dict__["disagrees"])
+                for r in caplog.records
+                if getattr(r, "event", None) == "clock_disagreement"
+            ]
+
+        await client.fetch(ts.url)
+        assert logged() == []
+        offset[0] = 3600.0
+        for _ in range(3):
+            response = await client.fetch(ts.url)
+            assert response.expires_in == 60
+        assert logged() == [(logging.WARNING, True)]
+        offset[0] = 0.0
+        await client.fetch(ts.url)
+        await client.fetch(ts.url)
+        assert logged() == [(logging.WARNING, True), (logging.INFO, False)]
+    assert SECRET not in caplog.text
+    for token in ts.issued:
+        assert token not in caplog.text
+
+
+async def test_a_short_client_secret_is_warned_about_once_per_change(
+    server: TokenServer,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="token_proxy")
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("proxy\n")
+    server.clients[CLIENT_ID] = "proxy"
+    config = token_config(server.url, client_secret=None, client_secret_file=secret_file)
+    client = TokenClient(config, session, upstream="inventory")
+
+    def warnings() -> int:
+        return sum(getattr(r, "event", None) == "short_client_secret" for r in caplog.records)
+
+    await client.fetch(server.url)
+    await client.fetch(server.url)
+    assert warnings() == 1
+    secret_file.write_text(SECRET + "\n")  # rotated to a proper one
+    server.clients[CLIENT_ID] = SECRET
+    await client.fetch(server.url)
+    secret_file.write_text("proxy\n")
+    server.clients[CLIENT_ID] = "proxy"
+    await client.fetch(server.url)
+    assert warnings() == 2
+    assert "proxy" not in " ".join(r.getMessage() for r in caplog.records)
 
 
 async def test_missing_token_type_is_bearer_with_a_warning(

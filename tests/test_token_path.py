@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from proxy.app import ProxyApp
+from proxy.tokens import provider as provider_module
 from tests.conftest import (
     StartProxy,
     proxy_config,
@@ -151,9 +152,13 @@ async def test_cold_start_with_500_concurrent_requests_makes_one_token_request(
 
 @pytest.mark.timeout(60)
 async def test_steady_traffic_across_refreshes_never_fails(
-    start_proxy: StartProxy, upstream: Upstream, token_server: TokenServer
+    start_proxy: StartProxy,
+    upstream: Upstream,
+    token_server: TokenServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """2 s tokens renewed 0.5 s before expiry; 8 s of traffic sees only fresh tokens."""
+    monkeypatch.setattr(provider_module, "MIN_LIFETIME", 0.5)  # 2 s tokens, not raised
     token_server.expires_in = 2
     app = await start_proxy(
         refusing_upstream_config(token_server, upstream, refresh_before_expiry=0.5)

@@ -20,7 +20,8 @@ from proxy.config import Secret, TlsClientConfig, TokenConfig
 from proxy.errors import TOKEN_FETCH_FAILURE_REASONS, TokenUnavailable
 from proxy.metrics import Metrics
 from proxy.tokens import TokenProvider
-from tests.support.token_server import Failure, TokenServer
+from proxy.tokens import provider as provider_module
+from tests.support.token_server import OMIT, Failure, TokenServer
 
 UPSTREAM = "inventory"
 CLIENT_ID = "order-service"
@@ -51,6 +52,25 @@ class ShiftableClock:
         self.offset += seconds
 
 
+class SteppableWallClock:
+    """The wall clock, plus an offset a test can step (as NTP or an operator would)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def step(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@pytest.fixture
+def short_lifetimes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokens of a second or two, to see refreshes within a test: below the real floor."""
+    monkeypatch.setattr(provider_module, "MIN_LIFETIME", 0.5)
+
+
 @pytest.fixture
 async def server() -> AsyncIterator[TokenServer]:
     async with TokenServer(clients={CLIENT_ID: SECRET}) as ts:
@@ -79,6 +99,7 @@ def make_provider(
     def make(
         *,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         invalidate_interval: float = 5.0,
         **overrides: Any,
@@ -95,6 +116,7 @@ def make_provider(
             TokenConfig(**settings),
             metrics,
             clock=clock,
+            wall_clock=wall_clock,
             rng=rng,
             invalidate_interval=invalidate_interval,
         )
@@ -232,6 +254,7 @@ async def test_cancelled_callers_do_not_cancel_the_shared_fetch(
 # -- proactive refresh ----------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("short_lifetimes")
 async def test_refresh_happens_before_expiry_without_blocking_requests(
     server: TokenServer, make_provider: Callable[..., TokenProvider]
 ) -> None:
@@ -247,6 +270,7 @@ async def test_refresh_happens_before_expiry_without_blocking_requests(
     # While the refresh is in flight, requests get the cached token at once.
     assert await asyncio.wait_for(provider.get(), 0.5) == first
     server.hold.set()
+    await server.wait_for_issued(2)
     await server.wait_for_issued(2)
     await eventually(lambda: provider.current() == server.issued[1])
 
@@ -265,6 +289,7 @@ async def test_a_late_refresh_is_started_by_the_next_request(
     clock.advance(3301)  # past the refresh time
     assert await provider.get() == first  # still valid: served at once, renewal started
     await server.wait_for_issued(2)
+    await server.wait_for_issued(2)
     await eventually(lambda: provider.current() == server.issued[1])
 
     clock.advance(3601)  # past the second token's expiry: never handed out
@@ -276,6 +301,7 @@ async def test_a_late_refresh_is_started_by_the_next_request(
     assert await waiting == server.issued[2]
 
 
+@pytest.mark.usefixtures("short_lifetimes")
 async def test_steady_traffic_across_several_refreshes_never_fails(
     server: TokenServer, metrics: Metrics, make_provider: Callable[..., TokenProvider]
 ) -> None:
@@ -372,6 +398,7 @@ async def test_a_huge_retry_after_is_capped_at_ten_minutes(
     assert 590 <= provider.status()["refresh_in_seconds"] <= 600  # type: ignore[operator]
 
 
+@pytest.mark.usefixtures("short_lifetimes")
 async def test_outage_serves_the_valid_token_then_refuses_then_recovers(
     server: TokenServer,
     metrics: Metrics,
@@ -463,6 +490,7 @@ async def test_each_failure_is_counted_logged_and_explained(
     assert SECRET not in json.dumps(provider.status())
 
 
+@pytest.mark.usefixtures("short_lifetimes")
 async def test_no_secret_or_token_is_logged_on_the_success_paths(
     server: TokenServer,
     make_provider: Callable[..., TokenProvider],
@@ -474,6 +502,7 @@ async def test_no_secret_or_token_is_logged_on_the_success_paths(
     await provider.start()
     first = await provider.get()
     await server.wait_for_issued(2)  # a proactive refresh
+    await server.wait_for_issued(2)
     await eventually(lambda: provider.current() == server.issued[1])
     second = await provider.get()
     provider.invalidate(second)
@@ -649,3 +678,113 @@ async def test_an_unstarted_provider_closes(make_provider: Callable[..., TokenPr
     provider = make_provider()
     await provider.close()
     assert provider.status()["state"] == "closed"
+
+
+# -- lifetimes and clocks --------------------------------------------------------------
+
+
+async def test_a_lifetime_below_the_floor_is_raised_counted_and_logged_once_per_change(
+    server: TokenServer,
+    metrics: Metrics,
+    make_provider: Callable[..., TokenProvider],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="token_proxy")
+    floor = provider_module.MIN_LIFETIME
+    server.expires_in = 0.001
+    # A configured margin far beyond the lifetime: clamped to half the floored lifetime.
+    provider = make_provider(
+        refresh_before_expiry=300.0, rng=FixedRandom(1.0), invalidate_interval=0.0
+    )
+    await provider.start()
+    for _ in range(40):
+        await provider.get()  # never TokenUnavailable
+        await asyncio.sleep(0.005)  # traffic pacing, not synchronisation
+
+    assert server.fetch_count == 1
+    status = provider.status()
+    assert floor - 1 < status["expires_in_seconds"] <= floor  # type: ignore[operator]
+    margin = floor / 2
+    refresh_in = status["refresh_in_seconds"]
+    assert floor - margin * 1.05 - 1 <= refresh_in <= floor - margin  # type: ignore[operator]
+    assert sample(metrics, "token_proxy_token_lifetime_clamped_total") == 1
+
+    def clamp_logs() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "event", None) == "token_lifetime_clamped"]
+
+    # Every short token is counted; the log says it once, and once more when it ends.
+    provider.invalidate(server.issued[0])
+    await server.wait_for_issued(2)
+    await eventually(lambda: provider.current() == server.issued[1])
+    provider.invalidate(server.issued[1])
+    await server.wait_for_issued(3)
+    await eventually(lambda: provider.current() == server.issued[2])
+    await eventually(lambda: sample(metrics, "token_proxy_token_lifetime_clamped_total") == 3)
+    [warning] = clamp_logs()
+    assert warning.levelno == logging.WARNING
+    assert warning.__dict__["declared_lifetime"] == 0.001
+
+    server.expires_in = 3600
+    provider.invalidate(server.issued[2])
+    await server.wait_for_issued(4)
+    await eventually(lambda: provider.current() == server.issued[3])
+    assert sample(metrics, "token_proxy_token_lifetime_clamped_total") == 3
+    assert [r.levelno for r in clamp_logs()] == [logging.WARNING, logging.INFO]
+    assert_no_secrets_logged(caplog, server)
+
+
+@pytest.mark.usefixtures("short_lifetimes")
+@pytest.mark.parametrize("jwt_only", [False, True], ids=["expires_in", "jwt_exp_minus_iat"])
+@pytest.mark.parametrize("step", [3600.0, -3600.0], ids=["plus_1h", "minus_1h"])
+async def test_a_wall_clock_step_under_traffic_changes_no_expiry_and_no_schedule(
+    server: TokenServer,
+    metrics: Metrics,
+    make_provider: Callable[..., TokenProvider],
+    caplog: pytest.LogCaptureFixture,
+    step: float,
+    jwt_only: bool,
+) -> None:
+    caplog.set_level(logging.INFO, logger="token_proxy")
+    server.token_format = "jwt"
+    server.expires_in = 2  # JWTs with iat, exp = iat + 2; renewed every ~1.6 s
+    if jwt_only:
+        server.response_overrides["expires_in"] = OMIT
+    wall = SteppableWallClock()
+    provider = make_provider(wall_clock=wall)
+    await provider.start()
+    await provider.get()
+    wall.step(step)  # the monotonic clock runs on unchanged
+    duration = 4.0
+    served = gaps = 0
+    deadline = time.monotonic() + duration
+
+    async def worker() -> None:
+        nonlocal served, gaps
+        while time.monotonic() < deadline:
+            if provider.current() is None:
+                gaps += 1
+            token = await provider.get()  # raises TokenUnavailable on an outage
+            assert server.is_valid(token)
+            served += 1
+            await asyncio.sleep(0.005)  # traffic pacing, not synchronisation
+
+    await asyncio.gather(*(worker() for _ in range(10)))
+
+    assert gaps == 0
+    assert served > 500
+    assert fetches(metrics, "failure") == 0
+    assert 1 + 2 <= server.fetch_count <= 1 + 3  # as without a step
+    status = provider.status()
+    assert 0 < status["expires_in_seconds"] <= 2  # type: ignore[operator]
+    # The expiry gauge is a Unix time on the (stepped) wall clock of the moment it is read.
+    expiry = sample(metrics, "token_proxy_token_expiry_timestamp_seconds")
+    expires_in = sample(metrics, "token_proxy_token_expires_in_seconds")
+    assert abs(expiry - (wall() + expires_in)) < 0.5
+    assert abs(status["last_fetch_time"] - wall()) < 3  # type: ignore[operator]
+    # The disagreement is reported once, not per fetch.
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "clock_disagreement"]
+    assert record.levelno == logging.WARNING
+    assert record.__dict__["upstream"] == UPSTREAM
+    assert abs(record.__dict__["clock_offset"] - step) < 5
+    assert ("ahead of" if step > 0 else "behind") in record.getMessage()
+    assert_no_secrets_logged(caplog, server)

@@ -12,7 +12,6 @@ Failures raise `InvalidClient` with a message naming the file, never its content
 from __future__ import annotations
 
 import secrets
-import time
 from pathlib import Path
 
 import jwt
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from proxy.config import TokenConfig
 from proxy.errors import InvalidClient
+from proxy.tokens.clock import wall_time
 
 __all__ = [
     "ASSERTION_LIFETIME",
@@ -82,7 +82,7 @@ def sign_client_assertion(
     now: float | None = None,
 ) -> str:
     """A fresh signed JWT: iss = sub = client_id, aud = the token endpoint, unique jti."""
-    issued_at = int(time.time() if now is None else now)
+    issued_at = int(wall_time() if now is None else now)
     claims = {
         "iss": client_id,
         "sub": client_id,

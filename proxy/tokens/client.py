@@ -24,11 +24,11 @@ import json
 import logging
 import math
 import re
-import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote_plus, urlencode
 
 import aiohttp
@@ -37,6 +37,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import TokenConfig
+from proxy.config_load import MIN_SECRET_LENGTH
 from proxy.errors import (
     InvalidClient,
     InvalidTokenResponse,
@@ -47,8 +48,13 @@ from proxy.errors import (
     TokenFetchError,
 )
 from proxy.tokens.assertion import JWT_BEARER_ASSERTION_TYPE, client_assertion
+from proxy.tokens.clock import wall_time
+
+if TYPE_CHECKING:
+    from jwt.types import Options
 
 __all__ = [
+    "CLOCK_TOLERANCE",
     "MAX_LIFETIME",
     "MAX_RESPONSE_BYTES",
     "RFC6749_ERROR_CODES",
@@ -68,6 +74,9 @@ log = logging.getLogger("token_proxy.tokens.client")
 MAX_RESPONSE_BYTES = 1 << 20
 # Longer declared lifetimes are clamped: a day-old token is re-requested anyway.
 MAX_LIFETIME = 24 * 3600.0
+# The local wall clock and a token's `iat` may differ by this much (whole-second claims,
+# network time, ordinary drift) before the difference is reported, whatever the lifetime.
+CLOCK_TOLERANCE = 10.0
 # The error codes of RFC 6749 §5.2: the request or the client's credentials are wrong.
 RFC6749_ERROR_CODES = frozenset(
     {
@@ -101,6 +110,9 @@ class TokenClient:
 
     The session should have a `DummyCookieJar` and, for `tls_client_auth`, a TLS context
     carrying the client certificate; timeouts come from the config on every request.
+    Two conditions are reported once each time they begin or end, never per fetch: a
+    local wall clock that disagrees with the tokens' ``iat``, and a client secret shorter
+    than `MIN_SECRET_LENGTH`.
     """
 
     def __init__(
@@ -110,11 +122,15 @@ class TokenClient:
         *,
         upstream: str | None = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
+        wall_clock: Callable[[], float] = wall_time,
     ) -> None:
         self._config = config
         self._session = session
         self._upstream = upstream
         self._max_response_bytes = max_response_bytes
+        self._wall_clock = wall_clock
+        self._clock_disagrees = False
+        self._short_secret = False
 
     async def fetch(self, token_url: str) -> TokenResponse:
         """POST one client-credentials request to `token_url`; raise a `TokenFetchError`."""
@@ -183,10 +199,25 @@ class TokenClient:
     def _client_secret(self) -> str:
         config = self._config
         if config.client_secret_file is not None:
-            return read_secret_file(config.client_secret_file)
-        if config.client_secret is not None:
-            return config.client_secret.reveal()
-        raise InvalidClient(f"{config.auth_method} needs client_secret or client_secret_file")
+            secret = read_secret_file(config.client_secret_file)
+        elif config.client_secret is not None:
+            secret = config.client_secret.reveal()
+        else:
+            raise InvalidClient(f"{config.auth_method} needs client_secret or client_secret_file")
+        self._note_secret_length(secret)
+        return secret
+
+    def _note_secret_length(self, secret: str) -> None:
+        """Warn when the secret in use becomes short (the file may be rotated to one)."""
+        short = len(secret) < MIN_SECRET_LENGTH
+        if short and not self._short_secret:
+            log.warning(
+                "the client secret for %s is shorter than %d characters: easy to guess",
+                self._upstream,
+                MIN_SECRET_LENGTH,
+                extra={"event": "short_client_secret", "upstream": self._upstream},
+            )
+        self._short_secret = short
 
     def _parse_success(
         self, body: bytes, headers: CIMultiDictProxy[str], sensitive: list[str]
@@ -221,12 +252,14 @@ class TokenClient:
             shown = sanitise(str(token_type), [*sensitive, access_token])
             raise InvalidTokenResponse(f"token_type is {shown!r}, not Bearer (RFC 6750)")
         scope = document.get("scope")
-        lifetime, source = token_lifetime(
+        lifetime, source, clock_offset = _lifetime(
             document.get("expires_in"),
             access_token,
             default_lifetime=self._config.default_lifetime,
             upstream=self._upstream,
+            now=self._wall_clock(),
         )
+        self._note_clock(clock_offset, lifetime)
         return TokenResponse(
             access_token=access_token,
             expires_in=lifetime,
@@ -234,6 +267,30 @@ class TokenClient:
             token_type=token_type,
             lifetime_source=source,
         )
+
+    def _note_clock(self, offset: float | None, lifetime: float) -> None:
+        """Report, once per change, whether the wall clock disagrees with the tokens'."""
+        if offset is None:
+            return  # the token tells nothing about the endpoint's clock
+        disagrees = abs(offset) > max(lifetime, CLOCK_TOLERANCE)
+        extra = {"event": "clock_disagreement", "upstream": self._upstream}
+        if disagrees and not self._clock_disagrees:
+            log.warning(
+                "the local wall clock is %.0f s %s the token issuer's for %s (by the tokens' "
+                "iat/exp claims); lifetimes are counted from each fetch on the monotonic "
+                "clock, so tokens are still used, but check the time synchronisation",
+                abs(offset),
+                "ahead of" if offset > 0 else "behind",
+                self._upstream,
+                extra={**extra, "clock_offset": round(offset, 1), "disagrees": True},
+            )
+        elif self._clock_disagrees and not disagrees:
+            log.info(
+                "the local wall clock agrees with the token issuer's for %s again",
+                self._upstream,
+                extra={**extra, "clock_offset": round(offset, 1), "disagrees": False},
+            )
+        self._clock_disagrees = disagrees
 
 
 def read_secret_file(path: Path) -> str:
@@ -296,39 +353,76 @@ def token_lifetime(
     upstream: str | None = None,
     now: float | None = None,
 ) -> tuple[float, str]:
-    """How long to use a token, in seconds, and where that came from.
+    """How long to use a token, in seconds from its fetch, and where that came from.
 
     * ``expires_in`` (int, float or numeric string) when positive;
-    * but a JWT access token's ``exp`` (read without verification) when earlier;
-    * missing or unreadable ``expires_in``: the JWT ``exp``, else `default_lifetime`;
+    * but a JWT access token's ``exp - iat`` (read without verification) when shorter;
+    * missing or unreadable ``expires_in``: the JWT's ``exp - iat``; a JWT without
+      ``iat`` its ``exp`` against the wall clock `now`; else `default_lifetime`;
     * zero or negative ``expires_in`` (a server bug, or "expires now"): as if missing,
       but never longer than `default_lifetime`, so that such a token is replaced soon;
-    * at most `MAX_LIFETIME`. A JWT whose ``exp`` has passed is refused: it is never used.
+    * at most `MAX_LIFETIME`. A JWT whose ``exp`` is not after its ``iat`` is refused.
+
+    The lifetime never depends on the local wall clock when the answer has
+    ``expires_in`` or the JWT has ``iat``: the caller counts it on the monotonic clock.
     """
+    lifetime, source, _ = _lifetime(
+        expires_in,
+        access_token,
+        default_lifetime=default_lifetime,
+        upstream=upstream,
+        now=wall_time() if now is None else now,
+    )
+    return lifetime, source
+
+
+def _lifetime(
+    expires_in: object,
+    access_token: str,
+    *,
+    default_lifetime: float,
+    upstream: str | None,
+    now: float,
+) -> tuple[float, str, float | None]:
+    """`token_lifetime`, plus how far the wall clock `now` is from the token's issue time
+    (positive: ahead), when the token tells; None when it does not."""
     extra = {"event": "token_response_warning", "upstream": upstream}
     declared = _seconds(expires_in)
     if expires_in is not None and declared is None:
         log.warning("unreadable expires_in from the authorization server; ignoring it", extra=extra)
-    jwt_left = _jwt_seconds_left(access_token, time.time() if now is None else now)
+    exp, iat = _jwt_times(access_token)
+    # The JWT's own lifetime, independent of any clock, when it says when it was issued.
+    span = None if exp is None or iat is None else exp - iat
+    # The issue time on the issuer's clock: `iat`, or `exp` less the declared lifetime.
+    issued = iat
+    if issued is None and exp is not None and declared is not None and 0 < declared <= MAX_LIFETIME:
+        issued = exp - declared
+    offset = None if issued is None else now - issued
     if declared is not None and declared > 0:
         lifetime, source = declared, "expires_in"
-        if jwt_left is not None and jwt_left < declared:
-            lifetime, source = jwt_left, "jwt_exp"
-    elif jwt_left is not None:
-        lifetime, source = jwt_left, "jwt_exp"
-        if declared is not None:
-            lifetime = min(lifetime, default_lifetime)
+        if span is not None and span < declared:
+            lifetime, source = span, "jwt_exp"
+    elif span is not None:
+        lifetime, source = span, "jwt_exp"
+    elif exp is not None and exp > now:
+        # A JWT without `iat` or `expires_in`: its `exp` on our clock is all there is.
+        lifetime, source = exp - now, "jwt_exp"
+    elif exp is not None:
+        # Expired by our clock, and nothing says whether the token or the clock is wrong:
+        # used for the default lifetime (the upstream's 401 replaces it if it is the
+        # token), rather than refused in a loop that a wrong clock never ends.
+        lifetime, source = default_lifetime, "default"
+        offset = now - exp
     else:
         lifetime, source = default_lifetime, "default"
     if declared is not None and declared <= 0:
+        lifetime = min(lifetime, default_lifetime)
         log.warning(
             "token response has expires_in <= 0; using %.0f s instead", lifetime, extra=extra
         )
     if lifetime <= 0:
-        raise InvalidTokenResponse(
-            "access token is already expired by its JWT exp claim (check the clocks)"
-        )
-    return min(lifetime, MAX_LIFETIME), source
+        raise InvalidTokenResponse("access token is already expired: its JWT exp is not after iat")
+    return min(lifetime, MAX_LIFETIME), source, offset
 
 
 def _seconds(value: object) -> float | None:
@@ -343,18 +437,33 @@ def _seconds(value: object) -> float | None:
     return None if math.isnan(seconds) else seconds
 
 
-def _jwt_seconds_left(token: str, now: float) -> float | None:
-    """Seconds until a JWT's `exp`, or None when the token is no JWT or has no exp."""
+# Read only: no claim is checked against the local clock (that is what goes wrong).
+_UNVERIFIED: Options = {
+    "verify_signature": False,
+    "verify_exp": False,
+    "verify_nbf": False,
+    "verify_iat": False,
+    "verify_aud": False,
+    "verify_iss": False,
+}
+
+
+def _jwt_times(token: str) -> tuple[float | None, float | None]:
+    """A JWT's `exp` and `iat` claims (None for each the token lacks or is no JWT)."""
     if token.count(".") != 2:
-        return None
+        return None, None
     try:
-        claims = jwt.decode(token, options={"verify_signature": False})
+        claims = jwt.decode(token, options=_UNVERIFIED)
     except (jwt.PyJWTError, ValueError):
+        return None, None
+    return _numeric_date(claims.get("exp")), _numeric_date(claims.get("iat"))
+
+
+def _numeric_date(value: object) -> float | None:
+    """RFC 7519 §2 NumericDate, or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return None
-    exp = claims.get("exp")
-    if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
-        return None
-    return float(exp) - now
+    return float(value)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -370,7 +479,7 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - time.time())
+    return max(0.0, when.timestamp() - wall_time())
 
 
 def sanitise(text: str, sensitive: Iterable[str] = (), *, limit: int = _MESSAGE_TEXT_LIMIT) -> str:

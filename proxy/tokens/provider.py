@@ -16,10 +16,18 @@ Policy:
   never cause fetches outside that schedule, and an expired token is never handed out.
 * With ``issuer`` the token endpoint is discovered before the first fetch, and again
   before the attempt that follows a failed one.
+* A token's lifetime counts from the moment its request was sent, on the monotonic
+  `clock`: a step of the wall clock changes no expiry and no schedule (the token
+  client measures lifetimes without the wall clock wherever the answer allows).
+* Lifetimes shorter than `MIN_LIFETIME` are raised to it, counted in
+  ``token_proxy_token_lifetime_clamped_total`` and logged once per change: no answer
+  from a token endpoint can make the proxy fetch a token per request. The refresh
+  margin is at most half the (clamped) lifetime, so even such a token is renewed
+  about every ``MIN_LIFETIME / 2`` seconds at most.
 
 Expiry is kept on the monotonic `clock` (injectable for tests); the Prometheus gauges
-and `status()` add wall-clock views of it. Tokens and secrets never reach a log line,
-a metric or `status()`.
+and `status()` add wall-clock views of it, read from `wall_clock` when they are read.
+Tokens and secrets never reach a log line, a metric or `status()`.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from proxy.held_token import HeldToken
 from proxy.metrics import Metrics
 from proxy.tls_context import client_ssl_context
 from proxy.tokens.client import TokenClient, TokenResponse, display_url
+from proxy.tokens.clock import wall_time
 from proxy.tokens.discovery import discover_token_endpoint
 
 __all__ = ["TokenProvider"]
@@ -54,6 +63,9 @@ MARGIN_MAX_FRACTION = 0.5
 REFRESH_JITTER_FRACTION = 0.05
 # Even an absurdly short-lived token is not renewed in a tight loop.
 MIN_REFRESH_DELAY = 0.5
+# The shortest lifetime a token is given, whatever its answer said (`expires_in: 0.001`):
+# below real-world lifetimes (a minute or more), above a fetch per request.
+MIN_LIFETIME = 10.0
 # The upstream checks `exp` on its own clock after the request has travelled: a token
 # this close to its expiry is no longer handed out (cf. golang.org/x/oauth2 expiryDelta).
 EXPIRY_LEEWAY_MAX = 5.0
@@ -75,6 +87,7 @@ class TokenProvider:
         *,
         allow_insecure_http: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = wall_time,
         rng: random.Random | None = None,
         invalidate_interval: float = INVALIDATE_INTERVAL,
     ) -> None:
@@ -83,13 +96,14 @@ class TokenProvider:
         self._metrics = metrics
         self._allow_insecure_http = allow_insecure_http
         self._clock = clock
+        self._wall_clock = wall_clock
         self._rng = rng if rng is not None else random.Random()
         self._invalidate_interval = invalidate_interval
 
         # The token, and until when (monotonic: expiry minus leeway) it may be sent.
         self.held = HeldToken(clock)
         self._expires_at = -math.inf  # monotonic
-        self._expires_at_wall = 0.0
+        self._lifetime_clamped = False
         self._refresh_at = math.inf  # monotonic
         self._next_attempt_at = -math.inf  # monotonic: backoff, no attempt before this
         self._last_invalidation = -math.inf
@@ -329,7 +343,9 @@ class TokenProvider:
             # Never through HTTP(S)_PROXY: in a sidecar's pod that may be this very proxy.
             trust_env=False,
         )
-        self._client = TokenClient(self._config, self._session, upstream=self.upstream)
+        self._client = TokenClient(
+            self._config, self._session, upstream=self.upstream, wall_clock=self._wall_clock
+        )
         return self._client
 
     async def _token_endpoint_for_attempt(self) -> str:
@@ -358,7 +374,7 @@ class TokenProvider:
 
     def _record_success(self, response: TokenResponse, sent_at: float, duration: float) -> None:
         now = self._clock()
-        lifetime = response.expires_in
+        lifetime = self._floored_lifetime(response)
         leeway = min(EXPIRY_LEEWAY_MAX, lifetime * EXPIRY_LEEWAY_FRACTION)
         margin = max(self._refresh_margin(lifetime), leeway)
         jitter = self._rng.uniform(0.0, REFRESH_JITTER_FRACTION * margin)
@@ -366,14 +382,13 @@ class TokenProvider:
         self._expires_at = sent_at + lifetime
         if not self._closed:
             self.held.hold(response.access_token, self._expires_at - leeway)
-        self._expires_at_wall = time.time() + (self._expires_at - now)
         self._refresh_at = max(self._expires_at - margin - jitter, now + MIN_REFRESH_DELAY)
         recovered_after = self._consecutive_failures
         self._consecutive_failures = 0
         self._next_attempt_at = -math.inf
         self._rediscover = False
         self._fetches += 1
-        self._last_fetch_time = self._last_success_time = time.time()
+        self._last_fetch_time = self._last_success_time = self._wall_clock()
         self._last_fetch_duration = duration
 
         self._metrics.token_fetches.labels(upstream=self.upstream, outcome="success").inc()
@@ -397,6 +412,33 @@ class TokenProvider:
             },
         )
 
+    def _floored_lifetime(self, response: TokenResponse) -> float:
+        """The answer's lifetime, raised to `MIN_LIFETIME`; counted, and logged per change."""
+        declared = response.expires_in
+        clamped = declared < MIN_LIFETIME
+        extra = {"event": "token_lifetime_clamped", "upstream": self.upstream}
+        if clamped:
+            self._metrics.token_lifetime_clamped.labels(upstream=self.upstream).inc()
+            if not self._lifetime_clamped:
+                log.warning(
+                    "token for %s lives %.3g s (%s); using it for %.0f s, the shortest "
+                    "lifetime given, so that it is not fetched for every request",
+                    self.upstream,
+                    declared,
+                    response.lifetime_source,
+                    MIN_LIFETIME,
+                    extra={**extra, "declared_lifetime": declared, "lifetime": MIN_LIFETIME},
+                )
+        elif self._lifetime_clamped:
+            log.info(
+                "token for %s lives %.0f s again, no longer raised to the shortest lifetime",
+                self.upstream,
+                declared,
+                extra={**extra, "declared_lifetime": declared, "lifetime": declared},
+            )
+        self._lifetime_clamped = clamped
+        return max(declared, MIN_LIFETIME)
+
     def _refresh_margin(self, lifetime: float) -> float:
         configured = self._config.refresh_before_expiry
         if configured is None:
@@ -409,7 +451,7 @@ class TokenProvider:
         self._consecutive_failures += 1
         self._failed_fetches += 1
         self._last_error = error
-        self._last_fetch_time = self._last_error_time = time.time()
+        self._last_fetch_time = self._last_error_time = self._wall_clock()
         self._last_fetch_duration = duration
         retry_in = self._backoff(error)
         self._next_attempt_at = self._clock() + retry_in
@@ -476,7 +518,10 @@ class TokenProvider:
         return max(0.0, self._expires_at - self._clock())
 
     def _expiry_timestamp(self) -> float:
-        return self._expires_at_wall if self.current() is not None else 0.0
+        """The monotonic expiry as a Unix time, on the wall clock of the moment it is read."""
+        if self.current() is None:
+            return 0.0
+        return self._wall_clock() + (self._expires_at - self._clock())
 
 
 def _rounded(value: float | None) -> float | None:

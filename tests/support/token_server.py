@@ -24,6 +24,7 @@ import asyncio
 import base64
 import binascii
 import json
+import math
 import secrets
 import ssl
 import time
@@ -154,12 +155,15 @@ class TokenServer:
         token_path: str = "/oauth/token",
         token_format: Literal["opaque", "jwt"] = "opaque",
         jwt_lifetime: float | None = None,
+        jwt_iat: bool = True,
         allowed_scopes: Iterable[str] | None = None,
     ) -> None:
         """`clients`: client_id -> secret; `jwt_keys`: client_id -> public key (object or
         PEM) for private_key_jwt; `tls_clients`: client_id -> a name its TLS client
         certificate carries (subject CN or subjectAltName). `token_format="jwt"` issues
-        HS256 JWTs whose `exp` is `jwt_lifetime` (default: `expires_in`) from now."""
+        HS256 JWTs whose `exp` is `jwt_lifetime` (default: `expires_in`) from now, with an
+        `iat` claim unless `jwt_iat` is false. JWT claims use this process's real wall
+        clock (`time.time`), whatever clock the proxy is given."""
         self.clients: dict[str, str] = (
             dict(clients) if clients is not None else {"order-service": "s3cret"}
         )
@@ -168,6 +172,7 @@ class TokenServer:
         self.expires_in: Any = expires_in  # settable; also a string or anything, to test clients
         self.token_format = token_format
         self.jwt_lifetime = jwt_lifetime
+        self.jwt_iat = jwt_iat
         self.allowed_scopes = set(allowed_scopes) if allowed_scopes is not None else None
         # Fields merged into every token response; a value of OMIT removes the field.
         self.response_overrides: dict[str, Any] = {}
@@ -495,15 +500,15 @@ class TokenServer:
         lifetime = _float_or(self.expires_in, 3600.0)
         if self.token_format == "jwt":
             jwt_lifetime = self.jwt_lifetime if self.jwt_lifetime is not None else lifetime
-            token = jwt.encode(
-                {
-                    "sub": client_id,
-                    "exp": int(time.time() + jwt_lifetime),
-                    "jti": f"tok-{self.fetch_count}",
-                },
-                self._jwt_signing_key,
-                algorithm="HS256",
-            )
+            issued_at = int(time.time())
+            claims: dict[str, Any] = {
+                "sub": client_id,
+                "exp": issued_at + math.ceil(jwt_lifetime),
+                "jti": f"tok-{self.fetch_count}",
+            }
+            if self.jwt_iat:
+                claims["iat"] = issued_at
+            token = jwt.encode(claims, self._jwt_signing_key, algorithm="HS256")
             lifetime = min(lifetime, jwt_lifetime)
         else:
             token = f"tok-{self.fetch_count}-{secrets.token_hex(8)}"
