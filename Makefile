@@ -38,7 +38,8 @@ compile: $(STAMP)
 
 ## uncompile: remove the compiled modules (back to pure Python)
 uncompile:
-	rm -rf build proxy/*.so
+	rm -rf build
+	find proxy -name '*.so' -delete
 
 ## bench: throughput and latency against nginx (installs nginx and wrk)
 bench: compile

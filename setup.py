@@ -21,18 +21,18 @@ from setuptools import setup
 
 # The modules a request passes through on its way to the upstream and back.
 COMPILED_MODULES = [
-    "proxy/client_connection.py",
-    "proxy/fast_path.py",
-    "proxy/flow_control.py",
-    "proxy/forward.py",
-    "proxy/held_token.py",
-    "proxy/listener.py",
-    "proxy/messages.py",
-    "proxy/metrics.py",
-    "proxy/planning.py",
-    "proxy/routing.py",
-    "proxy/runtime.py",
-    "proxy/upstream_pool.py",
+    "proxy/datapath/client_connection.py",
+    "proxy/datapath/fast_path.py",
+    "proxy/datapath/flow_control.py",
+    "proxy/datapath/forward.py",
+    "proxy/datapath/listener.py",
+    "proxy/datapath/messages.py",
+    "proxy/datapath/planning.py",
+    "proxy/datapath/routing.py",
+    "proxy/datapath/runtime.py",
+    "proxy/datapath/upstream_pool.py",
+    "proxy/ops/metrics.py",
+    "proxy/tokens/held_token.py",
 ]
 
 

@@ -31,7 +31,6 @@ import uvloop
 
 from bench.prerequisites import ensure_commands
 from proxy import data_path_build
-from proxy.client_connection import ClientConnection
 from proxy.config import (
     Address,
     HostMatch,
@@ -42,13 +41,14 @@ from proxy.config import (
     TokenConfig,
     UpstreamConfig,
 )
-from proxy.forward import Forwarder
-from proxy.held_token import HeldToken
-from proxy.listener import Listener
-from proxy.metrics import Metrics
-from proxy.runtime import Runtime, RuntimeHolder
-from proxy.tunnel import TunnelHandler
-from proxy.upstream_pool import UpstreamConnection, UpstreamPool
+from proxy.datapath.client_connection import ClientConnection
+from proxy.datapath.forward import Forwarder
+from proxy.datapath.listener import Listener
+from proxy.datapath.runtime import Runtime, RuntimeHolder
+from proxy.datapath.tunnel import TunnelHandler
+from proxy.datapath.upstream_pool import UpstreamConnection, UpstreamPool
+from proxy.ops.metrics import Metrics
+from proxy.tokens.held_token import HeldToken
 
 HOST = b"inventory.internal"
 TOKEN = "t" * 64

@@ -23,19 +23,19 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from proxy.admin import AdminServer, UpstreamHealth, create_admin_app
-from proxy.allocator import tune_for_streaming
 from proxy.config import ConfigError, ProxyConfig, UpstreamConfig, load_config
-from proxy.forward import Forwarder
-from proxy.intercept import TlsInterceptor
-from proxy.listener import Listener
-from proxy.logs import configure_logging, forget_secret, register_secret
-from proxy.metrics import Metrics
-from proxy.runtime import Runtime, RuntimeHolder
-from proxy.throttled_log import ThrottledLog
+from proxy.datapath.forward import Forwarder
+from proxy.datapath.listener import Listener
+from proxy.datapath.runtime import Runtime, RuntimeHolder
+from proxy.datapath.tunnel import TunnelHandler
+from proxy.datapath.upstream_pool import UpstreamPool
+from proxy.ops.admin import AdminServer, UpstreamHealth, create_admin_app
+from proxy.ops.allocator import tune_for_streaming
+from proxy.ops.logs import configure_logging, forget_secret, register_secret
+from proxy.ops.metrics import Metrics
+from proxy.ops.throttled_log import ThrottledLog
+from proxy.tls.intercept import TlsInterceptor
 from proxy.tokens import TokenProvider
-from proxy.tunnel import TunnelHandler
-from proxy.upstream_pool import UpstreamPool
 
 log = logging.getLogger("token_proxy.app")
 

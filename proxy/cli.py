@@ -13,8 +13,13 @@ import os
 import sys
 
 from proxy import __version__
-from proxy.config import ConfigError, ProxyConfig, UpstreamConfig, load_config
-from proxy.config_load import short_secret_warnings
+from proxy.config import (
+    ConfigError,
+    ProxyConfig,
+    UpstreamConfig,
+    load_config,
+    short_secret_warnings,
+)
 
 PROG = "token-proxy"
 CONFIG_ENV = "TOKEN_PROXY_CONFIG"
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if options.command == "check":
         intercept = config.tls_intercept
         if intercept is not None and intercept.ca_cert_file is not None:
-            from proxy.local_ca import AuthorityError, CertificateAuthority
+            from proxy.tls.local_ca import AuthorityError, CertificateAuthority
 
             assert intercept.ca_key_file is not None  # both or neither (config validation)
             try:

@@ -34,7 +34,7 @@ from proxy.config import (
     TokenConfig,
     UpstreamConfig,
 )
-from proxy.logs import configure_logging
+from proxy.ops.logs import configure_logging
 
 DEMO_CLIENT_ID = "demo-client"
 DEMO_HOST = "inventory.demo"

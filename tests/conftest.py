@@ -21,7 +21,7 @@ from proxy.config import (
     TokenConfig,
     UpstreamConfig,
 )
-from proxy.metrics import Metrics
+from proxy.ops.metrics import Metrics
 from tests.support.token_server import TokenServer
 from tests.support.upstream import Upstream
 

@@ -19,10 +19,10 @@ from prometheus_client import CollectorRegistry, Histogram, Metric, generate_lat
 from prometheus_client.parser import text_string_to_metric_families
 
 import proxy
-from proxy.admin import AdminServer, UpstreamHealth, create_admin_app
 from proxy.config import Address, LimitsConfig, Secret, TokenConfig
 from proxy.errors import TOKEN_FETCH_FAILURE_REASONS
-from proxy.metrics import REQUEST_BUCKETS, UNMATCHED, Metrics
+from proxy.ops.admin import AdminServer, UpstreamHealth, create_admin_app
+from proxy.ops.metrics import REQUEST_BUCKETS, UNMATCHED, Metrics
 from proxy.tokens import TokenProvider
 from tests.support import tools
 from tests.support.token_server import TokenServer

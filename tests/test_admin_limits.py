@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy.admin import AdminServer, create_admin_app
-from proxy.admin_limits import admin_connection_cap
 from proxy.config import Address, LimitsConfig
-from proxy.metrics import Metrics
-from proxy.throttled_log import ThrottledLog
+from proxy.ops.admin import AdminServer, create_admin_app
+from proxy.ops.admin_limits import admin_connection_cap
+from proxy.ops.metrics import Metrics
+from proxy.ops.throttled_log import ThrottledLog
 from tests.conftest import upstream_entry
 from tests.support.process import ProxyProcess
 from tests.support.token_server import TokenServer

@@ -4,7 +4,7 @@
 which drives every alert with input series to fire and, beside it, a look-alike
 that must stay silent. The Prometheus Operator copy must hold the same rules. Every
 expression in the rules and the dashboard may name only series that
-`proxy.metrics.Metrics` exports, with labels those series have, so neither can drift
+`proxy.ops.metrics.Metrics` exports, with labels those series have, so neither can drift
 from the code; the dashboard's queries must also parse as PromQL. docs/dashboard.md
 must describe every panel and every alert.
 """
@@ -23,7 +23,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from proxy.errors import TOKEN_FETCH_FAILURE_REASONS
-from proxy.metrics import Metrics
+from proxy.ops.metrics import Metrics
 from tests.support import tools
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def check_expression(expression: str) -> list[str]:
     allowed_labels = set(TARGET_LABELS)
     for name, braces in named:
         if name not in EXPORTED:
-            problems.append(f"{name} is not exported by proxy.metrics")
+            problems.append(f"{name} is not exported by proxy.ops.metrics")
             continue
         allowed_labels |= EXPORTED[name]
         for label, _op, value in _MATCHER.findall(braces or ""):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.allocator import tune_for_streaming
+from proxy.ops.allocator import tune_for_streaming
 from tests.conftest import upstream_entry
 from tests.support.process import ProxyProcess
 from tests.support.token_server import TokenServer

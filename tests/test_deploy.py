@@ -44,7 +44,7 @@ BUILD_SCRIPT = "deploy/image/build-venv.sh"
 # The modules setup.py compiles, and the library they share (read from setup.py, not
 # imported: it runs setup() at import).
 _SETUP = (REPO / "setup.py").read_text()
-COMPILED_MODULES = re.findall(r'"(proxy/\w+\.py)"', _SETUP)
+COMPILED_MODULES = re.findall(r'"(proxy/[\w/]+\.py)"', _SETUP)
 SHARED_LIBRARY = re.findall(r'group_name="proxy\.(\w+)"', _SETUP)[0] + "__mypyc"
 SIDECAR = "token-proxy"
 APP = "order-service"
@@ -455,10 +455,10 @@ def test_image_install_steps_give_a_working_token_proxy(tmp_path: Path) -> None:
     (package,) = venv.glob("lib/python3*/site-packages/proxy")
     assert list(package.glob("__pycache__/*.pyc"))
     # The data path is compiled (setup.py lists the modules).
-    assert {path.name.partition(".")[0] for path in package.glob("*.so")} == {
-        SHARED_LIBRARY,
-        *(Path(module).stem for module in COMPILED_MODULES),
-    }
+    assert {
+        path.relative_to(package.parent).with_name(path.name.partition(".")[0]).as_posix()
+        for path in package.rglob("*.so")
+    } == {f"proxy/{SHARED_LIBRARY}", *(module.removesuffix(".py") for module in COMPILED_MODULES)}
     # The venv must not lean on the source tree (as an editable install would).
     shutil.rmtree(source)
     environment = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}

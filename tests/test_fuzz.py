@@ -1,7 +1,7 @@
 """Fuzzing: host matching and its configuration as properties, and the request path live.
 
 * Host matching: hosts written in the config file and hosts named by requests are
-  normalised by two different parsers (`proxy.config_load` and `proxy.routing`); a
+  normalised by two different parsers (`proxy.config.load` and `proxy.datapath.routing`); a
   token is safe only if they agree exactly. The properties below generate hosts,
   spellings and mutations and check that a request matches an upstream if and only if
   it names one of its configured hosts and ports.
@@ -42,9 +42,9 @@ from proxy.config import (
     UpstreamConfig,
     load_config,
 )
+from proxy.datapath.routing import Router, parse_absolute_target
 from proxy.errors import BadRequest
-from proxy.metrics import Metrics
-from proxy.routing import Router, parse_absolute_target
+from proxy.ops.metrics import Metrics
 from tests.conftest import (
     CLIENT_ID,
     CLIENT_SECRET,

@@ -40,14 +40,14 @@ from proxy.config import (
     TlsInterceptConfig,
     TokenConfig,
 )
-from proxy.intercept import TlsInterceptor
-from proxy.local_ca import (
+from proxy.ops.metrics import Metrics
+from proxy.tls.intercept import TlsInterceptor
+from proxy.tls.local_ca import (
     CertificateAuthority,
     LeafCertificates,
     load_authority,
     load_cert_chain_from_memory,
 )
-from proxy.metrics import Metrics
 from tests.conftest import (
     CLIENT_ID,
     CLIENT_SECRET,

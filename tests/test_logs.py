@@ -1,4 +1,4 @@
-"""proxy.logs: one line per event in both formats, fields rendered, secrets masked."""
+"""proxy.ops.logs: one line per event in both formats, fields rendered, secrets masked."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import jwt
 import pytest
 from aiohttp import web
 
-from proxy import logs
 from proxy.config import LogFormat
-from proxy.logs import MASK, configure_logging, forget_secret, log_access, register_secret
+from proxy.ops import logs
+from proxy.ops.logs import MASK, configure_logging, forget_secret, log_access, register_secret
 
 LOG = logging.getLogger("token_proxy.test")
 # The token code's loggers: their lines carry what token endpoints answer.

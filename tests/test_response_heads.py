@@ -16,7 +16,7 @@ import httptools
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from proxy.messages import FRAMING, HOP_BY_HOP, HeadFields, read_response_head
+from proxy.datapath.messages import FRAMING, HOP_BY_HOP, HeadFields, read_response_head
 
 SET_ASIDE = HOP_BY_HOP | FRAMING
 OTHER_NAMES = [b"Server", b"Date", b"Content-Type", b"ETag", b"X-Trace", b"Keep", b"Hosts", b"T"]

@@ -6,11 +6,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy import routing
 from proxy.config import HostMatch, MatchConfig, TokenConfig, UpstreamConfig
+from proxy.datapath import routing
+from proxy.datapath.routing import Router, parse_absolute_target, path_matches, split_authority
 from proxy.errors import BadRequest
 from proxy.hosts import is_loopback_host
-from proxy.routing import Router, parse_absolute_target, path_matches, split_authority
 
 
 def upstream(name: str, *hosts: HostMatch, prefix: str | None = None) -> UpstreamConfig:

@@ -29,7 +29,7 @@ from proxy.errors import (
     TokenEndpointUnreachable,
     TokenFetchError,
 )
-from proxy.tls_context import client_ssl_context
+from proxy.tls.client_context import client_ssl_context
 from proxy.tokens import TokenClient, TokenResponse, discover_token_endpoint
 from proxy.tokens.assertion import JWT_BEARER_ASSERTION_TYPE, sign_client_assertion
 from proxy.tokens.client import MAX_LIFETIME, parse_retry_after, token_lifetime

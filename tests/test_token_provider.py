@@ -18,7 +18,7 @@ import trustme
 
 from proxy.config import Secret, TlsClientConfig, TokenConfig
 from proxy.errors import TOKEN_FETCH_FAILURE_REASONS, TokenUnavailable
-from proxy.metrics import Metrics
+from proxy.ops.metrics import Metrics
 from proxy.tokens import TokenProvider
 from proxy.tokens import provider as provider_module
 from tests.support.token_server import OMIT, Failure, TokenServer

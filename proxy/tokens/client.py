@@ -36,8 +36,7 @@ import jwt
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from proxy.config import TokenConfig
-from proxy.config_load import MIN_SECRET_LENGTH
+from proxy.config import MIN_SECRET_LENGTH, TokenConfig
 from proxy.errors import (
     InvalidClient,
     InvalidTokenResponse,

@@ -45,12 +45,12 @@ import aiohttp
 from proxy import __version__
 from proxy.config import TokenConfig
 from proxy.errors import TokenEndpointUnreachable, TokenFetchError, TokenUnavailable
-from proxy.held_token import HeldToken
-from proxy.metrics import Metrics
-from proxy.tls_context import client_ssl_context
+from proxy.ops.metrics import Metrics
+from proxy.tls.client_context import client_ssl_context
 from proxy.tokens.client import TokenClient, TokenResponse, display_url
 from proxy.tokens.clock import wall_time
 from proxy.tokens.discovery import discover_token_endpoint
+from proxy.tokens.held_token import HeldToken
 
 __all__ = ["TokenProvider"]
 

@@ -7,7 +7,7 @@ request and writes it upstream, and this `FastExchange` writes the response to t
 client from the upstream connection's parser callbacks - no task switch, no future and
 no timer per request, and one write per batch of response bytes.
 
-Anything unusual leaves the fast path for the general one (`proxy.forward`): a 401 to
+Anything unusual leaves the fast path for the general one (`proxy.datapath.forward`): a 401 to
 our token (drop it, fetch another, replay), a stale keep-alive connection (send again on
 a fresh one), or an error before the response head (the contract's error answer).
 """
@@ -17,14 +17,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from proxy.datapath.messages import LAST_CHUNK, RequestHead, ResponseHead, chunk, frame_response
+from proxy.datapath.upstream_pool import Exchange, UpstreamConnection
 from proxy.errors import ProxyError, UpstreamUnreachable
-from proxy.messages import LAST_CHUNK, RequestHead, ResponseHead, chunk, frame_response
-from proxy.upstream_pool import Exchange, UpstreamConnection
 
 if TYPE_CHECKING:
-    from proxy.client_connection import ClientConnection
-    from proxy.forward import Forwarder
-    from proxy.planning import Plan
+    from proxy.datapath.client_connection import ClientConnection
+    from proxy.datapath.forward import Forwarder
+    from proxy.datapath.planning import Plan
 
 log = logging.getLogger("token_proxy.forward")
 

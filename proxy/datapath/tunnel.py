@@ -24,7 +24,10 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Protocol, cast
 
-from proxy.client_connection import ClientConnection, RequestHandler
+from proxy.datapath.client_connection import ClientConnection, RequestHandler
+from proxy.datapath.messages import RequestHead
+from proxy.datapath.routing import split_authority
+from proxy.datapath.runtime import RuntimeHolder
 from proxy.errors import (
     BadRequest,
     HostNotAllowed,
@@ -32,11 +35,8 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.messages import RequestHead
-from proxy.metrics import UNMATCHED, Metrics
-from proxy.routing import split_authority
-from proxy.runtime import RuntimeHolder
-from proxy.throttled_log import ThrottledLog
+from proxy.ops.metrics import UNMATCHED, Metrics
+from proxy.ops.throttled_log import ThrottledLog
 
 log = logging.getLogger("token_proxy.tunnel")
 
@@ -53,7 +53,7 @@ _PEEK_BYTES = 16
 
 
 class TunnelledHandlers(Protocol):
-    """What serves the requests inside a tunnel: `proxy.forward.Forwarder` is one."""
+    """What serves the requests inside a tunnel: `proxy.datapath.forward.Forwarder` is one."""
 
     def tunnelled_handler(self, scheme: str, host: str, port: int) -> RequestHandler: ...
 

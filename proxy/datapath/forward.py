@@ -1,6 +1,6 @@
 """The request path: add the token and relay the exchange, on one of two paths.
 
-`Forwarder` serves every port through a `ModeHandler` whose planner (`proxy.planning`)
+`Forwarder` serves every port through a `ModeHandler` whose planner (`proxy.datapath.planning`)
 decides where a request goes. Then, for each request it
 
 1. takes the upstream's token from its provider without waiting while one is valid,
@@ -10,7 +10,7 @@ decides where a request goes. Then, for each request it
    can be replayed (idempotent, body small enough to have been kept).
 
 Body-less requests with a token and an idle upstream connection at hand take the fast
-path (`proxy.fast_path`), entirely in protocol callbacks; everything else, and
+path (`proxy.datapath.fast_path`), entirely in protocol callbacks; everything else, and
 whatever leaves the fast path, runs here as a coroutine.
 
 Every error before the response head is sent becomes the contract's JSON answer via
@@ -25,16 +25,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 
-from proxy.client_connection import ClientConnection, RequestBody
-from proxy.errors import (
-    BadRequest,
-    ProxyError,
-    TokenUnavailable,
-    UpstreamUnreachable,
-)
-from proxy.fast_path import FastExchange
-from proxy.logs import log_access
-from proxy.messages import (
+from proxy.datapath.client_connection import ClientConnection, RequestBody
+from proxy.datapath.fast_path import FastExchange
+from proxy.datapath.messages import (
     LAST_CHUNK,
     RequestHead,
     ResponseHead,
@@ -44,11 +37,18 @@ from proxy.messages import (
     request_head_bytes,
     response_head_bytes,
 )
-from proxy.metrics import UNMATCHED, Metrics
-from proxy.planning import Plan, Planner, Planners
-from proxy.runtime import RuntimeHolder
-from proxy.tunnel import TunnelHandler, splice
-from proxy.upstream_pool import AwaitedExchange, UpstreamConnection, UpstreamPool
+from proxy.datapath.planning import Plan, Planner, Planners
+from proxy.datapath.runtime import RuntimeHolder
+from proxy.datapath.tunnel import TunnelHandler, splice
+from proxy.datapath.upstream_pool import AwaitedExchange, UpstreamConnection, UpstreamPool
+from proxy.errors import (
+    BadRequest,
+    ProxyError,
+    TokenUnavailable,
+    UpstreamUnreachable,
+)
+from proxy.ops.logs import log_access
+from proxy.ops.metrics import UNMATCHED, Metrics
 
 log = logging.getLogger("token_proxy.forward")
 

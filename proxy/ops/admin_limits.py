@@ -27,7 +27,7 @@ import resource
 from collections.abc import Callable
 from typing import cast
 
-from proxy.throttled_log import ThrottledLog
+from proxy.ops.throttled_log import ThrottledLog
 
 __all__ = ["AdminConnectionGuard", "admin_connection_cap"]
 

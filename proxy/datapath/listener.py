@@ -15,10 +15,10 @@ import socket
 from collections.abc import Sequence
 from typing import Any, cast
 
-from proxy.client_connection import ClientConnection, RequestHandler
 from proxy.config import Address, LimitsConfig
+from proxy.datapath.client_connection import ClientConnection, RequestHandler
 from proxy.errors import RequestTimeout
-from proxy.metrics import Metrics
+from proxy.ops.metrics import Metrics
 
 log = logging.getLogger("token_proxy.listener")
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 
+from proxy.datapath.messages import RequestHead
+from proxy.datapath.routing import DEFAULT_PORTS, Target, parse_absolute_target, split_authority
+from proxy.datapath.runtime import Route, RuntimeHolder
+from proxy.datapath.upstream_pool import Origin
 from proxy.errors import BadRequest, HostNotAllowed, ProxyError
 from proxy.hosts import is_loopback_host
-from proxy.messages import RequestHead
-from proxy.metrics import UNMATCHED
-from proxy.routing import DEFAULT_PORTS, Target, parse_absolute_target, split_authority
-from proxy.runtime import Route, RuntimeHolder
-from proxy.upstream_pool import Origin
+from proxy.ops.metrics import UNMATCHED
 
 _default_tls: ssl.SSLContext | None = None
 
@@ -146,7 +146,7 @@ def _origin_of(target: Target, route: Route | None = None) -> Origin:
     tls: ssl.SSLContext | None = None
     if target.scheme == "https":
         if route is not None:
-            from proxy.tls_context import client_ssl_context
+            from proxy.tls.client_context import client_ssl_context
 
             tls = client_ssl_context(route.config.tls)
         else:

@@ -1,6 +1,6 @@
-"""The proxy's configuration: typed, immutable, validated once at load.
+"""The typed model of the configuration: frozen dataclasses, validated once at load.
 
-`load_config()` (in `proxy.config_load`) reads the YAML file of the product contract into the frozen
+`load_config()` (in `proxy.config.load`) reads the YAML file of the product contract into the frozen
 dataclasses below. Every problem is a `ConfigError` naming the file, the key path
 and what is wrong, e.g. ``proxy.yaml: upstreams.inventory.token.client_id: missing``.
 Nothing here touches the network; secret *files* are checked for readability at
@@ -9,7 +9,6 @@ load and re-read by the token client on every fetch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -209,24 +208,11 @@ class ProxyConfig:
         raise KeyError(name)
 
 
-def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> ProxyConfig:
-    """Read, expand `${VAR}`s in, and validate the YAML file at `path`.
-
-    The loader is most of the code, so it lives in `proxy.config_load`.
-    """
-    from proxy import config_load
-
-    return config_load.load_config(path, environ)
-
-
-def parse_duration(value: object) -> float:
-    """`90s`, `5m`, `1h`, `250ms`, `1h30m` or plain seconds; ValueError otherwise."""
-    from proxy import config_load
-
-    return config_load.parse_duration(value)
-
+# A client secret shorter than this is easy to guess; `check` and start-up warn about it.
+MIN_SECRET_LENGTH = 8
 
 __all__ = [
+    "MIN_SECRET_LENGTH",
     "Address",
     "AuthMethod",
     "ConfigError",
@@ -242,6 +228,4 @@ __all__ = [
     "TokenConfig",
     "UnknownHosts",
     "UpstreamConfig",
-    "load_config",
-    "parse_duration",
 ]

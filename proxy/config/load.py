@@ -1,4 +1,4 @@
-"""Reading and validating the YAML configuration into `proxy.config`'s dataclasses.
+"""Reading and validating the YAML configuration into `proxy.config.model`'s dataclasses.
 
 One pass over the document with a key path at every step, so that each problem
 becomes one `ConfigError` line naming the file, the key path and what is wrong.
@@ -24,7 +24,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from proxy.config import (
+from proxy.config.model import (
+    MIN_SECRET_LENGTH,
     Address,
     AuthMethod,
     ConfigError,
@@ -1247,10 +1248,6 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> P
         ) from None
     loader = _Loader(file, Path(path).parent, os.environ if environ is None else environ)
     return loader.proxy(document)
-
-
-# A client secret shorter than this is easy to guess; `check` and start-up warn about it.
-MIN_SECRET_LENGTH = 8
 
 
 def short_secret_warnings(config: ProxyConfig) -> list[str]:

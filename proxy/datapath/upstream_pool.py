@@ -24,9 +24,9 @@ from typing import Final, NamedTuple
 
 import httptools
 
+from proxy.datapath.flow_control import FlowControlledProtocol
+from proxy.datapath.messages import ResponseHead, read_response_head
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
-from proxy.flow_control import FlowControlledProtocol
-from proxy.messages import ResponseHead, read_response_head
 
 log = logging.getLogger("token_proxy.upstream")
 

@@ -14,7 +14,7 @@ so that config reloads and draining show at once.
 Only GET and HEAD are served; responses are never cached. The admin server has no
 access log: probes and scrapes every few seconds would drown the proxy's own. It has
 the proxy ports' kind of limits (a connection cap, header and idle timeouts): see
-`proxy.admin_limits`.
+`proxy.ops.admin_limits`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from proxy import __version__
-from proxy.admin_limits import AdminConnectionGuard, admin_connection_cap
 from proxy.config import Address, LimitsConfig
-from proxy.metrics import Metrics
+from proxy.ops.admin_limits import AdminConnectionGuard, admin_connection_cap
+from proxy.ops.metrics import Metrics
 
 if TYPE_CHECKING:
     from proxy.tokens import TokenProvider
@@ -126,7 +126,7 @@ def create_admin_app(metrics: Metrics, health: HealthSource) -> web.Application:
 
 
 class AdminServer:
-    """Serves the admin app on its address, with the limits of `proxy.admin_limits`."""
+    """Serves the admin app on its address, with the limits of `proxy.ops.admin_limits`."""
 
     def __init__(self, app: web.Application, address: Address, limits: LimitsConfig) -> None:
         self._address = address

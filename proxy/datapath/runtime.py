@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from proxy.config import ProxyConfig, UpstreamConfig
-from proxy.held_token import HeldToken
-from proxy.routing import Router
-from proxy.tls_context import client_ssl_context
+from proxy.datapath.routing import Router
+from proxy.datapath.upstream_pool import Origin
+from proxy.tls.client_context import client_ssl_context
 from proxy.tokens import TokenProvider
-from proxy.upstream_pool import Origin
+from proxy.tokens.held_token import HeldToken
 
 
 @dataclass(frozen=True, slots=True)

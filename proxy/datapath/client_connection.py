@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Protocol
 import httptools
 
 from proxy.config import LimitsConfig
+from proxy.datapath.flow_control import FlowControlledProtocol
+from proxy.datapath.messages import HeadFields, RequestHead
 from proxy.errors import (
     BadRequest,
     HeadersTooLarge,
@@ -33,12 +35,10 @@ from proxy.errors import (
     VersionNotSupported,
     error_response,
 )
-from proxy.flow_control import FlowControlledProtocol
-from proxy.messages import HeadFields, RequestHead
-from proxy.throttled_log import ThrottledLog
+from proxy.ops.throttled_log import ThrottledLog
 
 if TYPE_CHECKING:
-    from proxy.listener import Listener
+    from proxy.datapath.listener import Listener
 
 log = logging.getLogger("token_proxy.connection")
 _refusals = ThrottledLog(log)

@@ -18,7 +18,7 @@ against `max_connections` and is timed out and drained like any other. A failed
 handshake (typically: the client does not trust the CA) is logged and the connection
 closed; nothing reaches the upstream.
 
-The CA and the leaf certificates are `proxy.local_ca`'s.
+The CA and the leaf certificates are `proxy.tls.local_ca`'s.
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from proxy.client_connection import ClientConnection
 from proxy.config import ConfigError, TlsInterceptConfig
-from proxy.local_ca import (
+from proxy.datapath.client_connection import ClientConnection
+from proxy.datapath.tunnel import TunnelledHandlers
+from proxy.tls.local_ca import (
     AuthorityError,
     CertificateAuthority,
     LeafCertificates,
     load_authority,
 )
-from proxy.tunnel import TunnelledHandlers
 
 __all__ = ["TlsInterceptor"]
 
