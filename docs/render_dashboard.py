@@ -10,7 +10,7 @@ What it does:
 1. starts a real token endpoint for each of two upstreams (``inventory`` with 20 s tokens,
    ``billing`` with 45 s tokens, so their refresh saw-tooth shows in minutes), a real
    upstream API, token-proxy as a child process (``python -m proxy run``), and a real
-   Prometheus server (Debian's ``prometheus`` binary, as in tests/test_prometheus_e2e.py)
+   Prometheus server (Debian's ``prometheus`` binary, as in tests/ops/test_prometheus_e2e.py)
    scraping the proxy's admin port every second as job ``token-proxy``;
 2. sends steady traffic through the proxy (inventory, billing, and pass-through traffic
    for an unconfigured host, with an occasional 404 from the upstream);

@@ -1,27 +1,27 @@
-"""Shared fixtures: a real token endpoint, a real upstream API and a running proxy."""
+"""Shared fixtures: a real token endpoint, a real upstream API and a running proxy.
+
+The config builders they use are in tests/support/configs.py.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import pytest
 
 from proxy import data_path_build
 from proxy.app import ProxyApp
-from proxy.config import (
-    Address,
-    HostMatch,
-    MatchConfig,
-    ProxyConfig,
-    Secret,
-    TargetUrl,
-    TokenConfig,
-    UpstreamConfig,
-)
+from proxy.config import ProxyConfig
 from proxy.ops.metrics import Metrics
+from tests.support.configs import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    StartProxy,
+    proxy_config,
+    token_config,
+    upstream_config,
+)
 from tests.support.token_server import TokenServer
 from tests.support.upstream import Upstream
 
@@ -41,10 +41,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         )
 
 
-CLIENT_ID = "order-service"
-CLIENT_SECRET = "s3cret:with+odd%chars"
-
-
 @pytest.fixture
 async def token_server() -> AsyncIterator[TokenServer]:
     async with TokenServer(clients={CLIENT_ID: CLIENT_SECRET}) as server:
@@ -60,56 +56,6 @@ async def upstream(token_server: TokenServer) -> AsyncIterator[Upstream]:
 
     async with Upstream(validate=validate) as server:
         yield server
-
-
-def token_config(server: TokenServer, **changes: Any) -> TokenConfig:
-    base = TokenConfig(
-        client_id=CLIENT_ID,
-        token_url=server.url,
-        client_secret=Secret(CLIENT_SECRET),
-        timeout=5.0,
-        retry_initial=0.2,
-        retry_max=1.0,
-    )
-    return dataclasses.replace(base, **changes)
-
-
-def upstream_config(
-    name: str,
-    hosts: list[str],
-    token: TokenConfig,
-    *,
-    url: str | None = None,
-    **changes: Any,
-) -> UpstreamConfig:
-    matches = []
-    for entry in hosts:
-        host, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
-        matches.append(HostMatch(host or entry, int(port) if port else None))
-    target = None
-    if url is not None:
-        scheme, _, rest = url.partition("://")
-        host, _, port = rest.partition(":")
-        target = TargetUrl(scheme, host, int(port) if port else (443 if scheme == "https" else 80))  # type: ignore[arg-type]
-    return UpstreamConfig(
-        name=name,
-        match=MatchConfig(tuple(matches), changes.pop("path_prefix", None)),
-        token=token,
-        url=target,
-        **changes,
-    )
-
-
-def proxy_config(*upstreams: UpstreamConfig, **changes: Any) -> ProxyConfig:
-    return ProxyConfig(
-        upstreams=tuple(upstreams),
-        listen=Address("127.0.0.1", 0),
-        admin_listen=Address("127.0.0.1", 0),
-        **changes,
-    )
-
-
-StartProxy = Callable[[ProxyConfig], Awaitable[ProxyApp]]
 
 
 @pytest.fixture
@@ -141,40 +87,3 @@ async def inventory_proxy(
         )
     )
     return await start_proxy(config)
-
-
-async def start_inventory(
-    start_proxy: StartProxy,
-    token_server: TokenServer,
-    upstream: Upstream,
-    *,
-    proxy: dict[str, Any] | None = None,
-    **upstream_changes: Any,
-) -> ProxyApp:
-    """A proxy with one upstream, `inventory`: inventory.internal, sent to `upstream`."""
-    upstream_changes.setdefault("url", upstream.url)  # url=None: no url
-    token = upstream_changes.pop("token", None) or token_config(token_server)
-    return await start_proxy(
-        proxy_config(
-            upstream_config("inventory", ["inventory.internal"], token, **upstream_changes),
-            **(proxy or {}),
-        )
-    )
-
-
-def upstream_entry(host: str, url: str, token_server: TokenServer, **token: Any) -> dict[str, Any]:
-    """One upstream in the YAML form a proxy process reads (see tests/support/process.py)."""
-    return {
-        "match": {"hosts": [host]},
-        "url": url,
-        "token": {
-            "token_url": token_server.url,
-            "client_id": CLIENT_ID,
-            "client_secret": CLIENT_SECRET,
-            **token,
-        },
-    }
-
-
-def proxy_url(app: ProxyApp) -> str:
-    return f"http://127.0.0.1:{app.port}"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy.ops.allocator import tune_for_streaming
-from tests.conftest import upstream_entry
+from tests.support.configs import upstream_entry
 from tests.support.process import ProxyProcess
 from tests.support.token_server import TokenServer
 from tests.support.upstream import Upstream

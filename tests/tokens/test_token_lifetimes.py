@@ -17,7 +17,7 @@ import pytest
 from proxy.app import ProxyApp
 from proxy.tokens import clock
 from proxy.tokens import provider as provider_module
-from tests.conftest import StartProxy, proxy_config, proxy_url, token_config, upstream_config
+from tests.support.configs import StartProxy, proxy_config, proxy_url, token_config, upstream_config
 from tests.support.token_server import OMIT, TokenServer
 from tests.support.upstream import Upstream
 

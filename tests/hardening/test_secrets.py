@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.support.configs import CLIENT_ID, CLIENT_SECRET
 from tests.support.process import ProxyProcess
 from tests.support.token_server import TokenServer
 from tests.support.upstream import Upstream

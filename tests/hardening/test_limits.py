@@ -18,7 +18,13 @@ import pytest
 
 from proxy.app import ProxyApp
 from proxy.config import LimitsConfig
-from tests.conftest import StartProxy, proxy_config, start_inventory, token_config, upstream_config
+from tests.support.configs import (
+    StartProxy,
+    proxy_config,
+    start_inventory,
+    token_config,
+    upstream_config,
+)
 from tests.support.rawhttp import (
     Behaviour,
     EvilConnection,

@@ -15,7 +15,7 @@ import pytest
 
 from proxy.app import ProxyApp
 from proxy.tokens import provider as provider_module
-from tests.conftest import (
+from tests.support.configs import (
     StartProxy,
     proxy_config,
     proxy_url,

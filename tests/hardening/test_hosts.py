@@ -19,7 +19,7 @@ import pytest
 
 from proxy.app import ProxyApp
 from proxy.config import Address, HostMatch, MatchConfig
-from tests.conftest import (
+from tests.support.configs import (
     CLIENT_ID,
     CLIENT_SECRET,
     StartProxy,

@@ -16,7 +16,7 @@ from yarl import URL
 
 from proxy.app import ProxyApp
 from proxy.config import Address, LimitsConfig
-from tests.conftest import (
+from tests.support.configs import (
     StartProxy,
     proxy_config,
     proxy_url,

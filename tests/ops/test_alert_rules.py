@@ -26,7 +26,7 @@ from proxy.errors import TOKEN_FETCH_FAILURE_REASONS
 from proxy.ops.metrics import Metrics
 from tests.support import tools
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "token-proxy-rules.yaml"
 RULES_TESTS = REPO / "deploy" / "prometheus" / "token-proxy-rules.test.yaml"
 PROMETHEUS_RULE = REPO / "deploy" / "base" / "prometheusrule.yaml"

@@ -45,7 +45,7 @@ from proxy.config import (
 from proxy.datapath.routing import Router, parse_absolute_target
 from proxy.errors import BadRequest
 from proxy.ops.metrics import Metrics
-from tests.conftest import (
+from tests.support.configs import (
     CLIENT_ID,
     CLIENT_SECRET,
     proxy_config,

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import upstream_entry
+from tests.support.configs import upstream_entry
 from tests.support.process import ProxyProcess, rss_bytes
 from tests.support.token_server import TokenServer
 from tests.support.upstream import Upstream

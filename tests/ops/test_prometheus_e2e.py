@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.conftest import upstream_entry
 from tests.support import prometheus as prometheus_support
+from tests.support.configs import upstream_entry
 from tests.support.process import ProxyProcess
 from tests.support.prometheus import PrometheusServer
 from tests.support.token_server import TokenServer
@@ -27,7 +27,7 @@ from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.timeout(90)
 
-RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "token-proxy-rules.yaml"
+RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "token-proxy-rules.yaml"
 JOB = "token-proxy"
 REQUESTS = 3
 

@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 
 from proxy.app import ProxyApp
-from tests.conftest import (
+from tests.support.configs import (
     CLIENT_ID,
     CLIENT_SECRET,
     StartProxy,

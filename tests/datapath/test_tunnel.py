@@ -25,7 +25,7 @@ from cryptography import x509
 
 from proxy.app import ProxyApp
 from proxy.config import LimitsConfig, ProxyConfig
-from tests.conftest import StartProxy, proxy_config, proxy_url, token_config, upstream_config
+from tests.support.configs import StartProxy, proxy_config, proxy_url, token_config, upstream_config
 from tests.support.token_server import TokenServer
 from tests.support.upstream import Upstream
 

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from proxy.app import ProxyApp
-from tests.conftest import StartProxy, proxy_config, token_config, upstream_config
+from tests.support.configs import StartProxy, proxy_config, token_config, upstream_config
 from tests.support.rawhttp import (
     Behaviour,
     EvilConnection,

@@ -21,7 +21,7 @@ from proxy.ops.admin import AdminServer, create_admin_app
 from proxy.ops.admin_limits import admin_connection_cap
 from proxy.ops.metrics import Metrics
 from proxy.ops.throttled_log import ThrottledLog
-from tests.conftest import upstream_entry
+from tests.support.configs import upstream_entry
 from tests.support.process import ProxyProcess
 from tests.support.token_server import TokenServer
 from tests.support.upstream import Upstream
