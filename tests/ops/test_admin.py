@@ -397,6 +397,14 @@ async def test_metrics_hold_every_contract_series_before_any_failure(
     assert time.time() + 3000 < expiry[frozenset({("upstream", "inventory")})] <= time.time() + 3600
 
 
+async def test_metrics_carry_no_created_series(admin: Admin, add_upstream: MakeProvider) -> None:
+    # prometheus-client's `*_created` series would double every counter's series.
+    add_upstream("inventory")
+    text = (await admin.get("/metrics")).body.decode()
+    assert "token_proxy_token_fetches_total" in text
+    assert "_created" not in text
+
+
 async def test_promtool_accepts_the_metrics(
     admin: Admin, add_upstream: MakeProvider, refused_url: str
 ) -> None:

@@ -61,9 +61,9 @@ GRAFANA_SUBSTITUTES = {
 }
 
 _SERIES_SUFFIXES = {
-    "counter": ("_total", "_created"),
+    "counter": ("_total",),
     "gauge": ("",),
-    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "histogram": ("_bucket", "_count", "_sum"),
     "info": ("_info",),
 }
 _SELECTOR = re.compile(r"\b(token_proxy_[a-z0-9_]+)\s*(\{[^}]*\})?")
