@@ -21,6 +21,7 @@ AuthMethod = Literal[
     "tls_client_auth",
 ]
 LogFormat = Literal["text", "json"]
+TokenCacheMode = Literal["shared", "local"]
 
 
 class ConfigError(Exception):
@@ -140,6 +141,8 @@ class TokenConfig:
     retry_initial: float = 1.0  # backoff after a failed fetch: full jitter, doubling
     retry_max: float = 60.0
     tls: TlsClientConfig = TlsClientConfig()
+    # `local`: this upstream keeps its token to itself even when `token_cache` is set.
+    cache: TokenCacheMode = "shared"
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,26 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class RedisConfig:
+    """How to reach the Redis (or Valkey) server of the fleet token cache."""
+
+    url: str  # redis://host:port/db or rediss:// (TLS)
+    username: str | None = None
+    password_file: Path | None = None  # re-read at every (re)connection
+    ca_file: Path | None = None  # trust for rediss://
+
+
+@dataclass(frozen=True)
+class TokenCacheConfig:
+    """The `token_cache` section: tokens shared by every replica through Redis."""
+
+    redis: RedisConfig
+    encryption_key_file: Path  # at least 32 bytes; the same file on every replica
+    key_prefix: str = "token-proxy"
+    lock_timeout: float = 10.0  # how long a replica waits for another's fetch
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     """The whole configuration file."""
 
@@ -199,6 +222,9 @@ class ProxyConfig:
     log_format: LogFormat = "text"
     access_log: bool = False
     shutdown_grace_period: float = 20.0
+    token_cache: TokenCacheConfig | None = None  # None: every process on its own
+    # At most this many token requests in flight to one token endpoint at once.
+    token_endpoint_concurrency: int = 8
     source: str = "<config>"  # the file it was loaded from, for messages
 
     def upstream(self, name: str) -> UpstreamConfig:
@@ -221,10 +247,13 @@ __all__ = [
     "LogFormat",
     "MatchConfig",
     "ProxyConfig",
+    "RedisConfig",
     "Secret",
     "TargetUrl",
     "TlsClientConfig",
     "TlsInterceptConfig",
+    "TokenCacheConfig",
+    "TokenCacheMode",
     "TokenConfig",
     "UnknownHosts",
     "UpstreamConfig",
