@@ -68,11 +68,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary(config: ProxyConfig) -> str:
-    """What `check` prints: the listeners and each upstream, never a secret."""
+    """What `check` prints: the listeners, the token cache and each upstream, never a secret."""
     lines = [
         f"{config.source}: OK",
         f"listen: {config.listen}  admin_listen: {config.admin_listen}  "
         f"unknown_hosts: {config.unknown_hosts}  tls_intercept: {_describe_intercept(config)}",
+        f"token_cache: {_describe_token_cache(config)}",
+        f"token_endpoint_concurrency: {config.token_endpoint_concurrency}",
         f"upstreams: {len(config.upstreams)}",
     ]
     for upstream in config.upstreams:
@@ -91,6 +93,29 @@ def _describe_intercept(config: ProxyConfig) -> str:
     if intercept.write_ca_cert_to is not None:
         text += f", CA certificate written to {intercept.write_ca_cert_to}"
     return text
+
+
+def _describe_token_cache(config: ProxyConfig) -> str:
+    cache = config.token_cache
+    if cache is None:
+        return "off"
+    local = [upstream.name for upstream in config.upstreams if upstream.token.cache == "local"]
+    return (
+        f"{_without_userinfo(cache.redis.url)}  key_prefix: {cache.key_prefix}  "
+        f"lock_timeout: {_seconds(cache.lock_timeout)}  "
+        f"local upstreams: {', '.join(local) or '(none)'}"
+    )
+
+
+def _without_userinfo(url: str) -> str:
+    """The URL without `user:password@`: whatever the config allows, a password is never shown."""
+    scheme, separator, rest = url.partition("://")
+    end = next((index for index, char in enumerate(rest) if char in "/?#"), len(rest))
+    return scheme + separator + rest[:end].rpartition("@")[2] + rest[end:]
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:g}s"
 
 
 def _describe_upstream(upstream: UpstreamConfig) -> list[tuple[str, object]]:

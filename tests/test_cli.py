@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from proxy import __version__
-from proxy.cli import main
+from proxy.cli import main, summary
+from proxy.config import ProxyConfig, RedisConfig, TokenCacheConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "cli-Sup3r-Secret-Value"
@@ -81,9 +82,9 @@ def test_check_prints_a_summary_without_secrets(good_config: Path) -> None:
         "listen: 127.0.0.1:15080  admin_listen: 0.0.0.0:15090  unknown_hosts: deny  "
         "tls_intercept: off"
     )
-    assert lines[2] == "upstreams: 2"
+    assert lines[2:5] == ["token_cache: off", "token_endpoint_concurrency: 8", "upstreams: 2"]
     secret_file = good_config.parent / "client-secret"
-    assert lines[3:] == [
+    assert lines[5:] == [
         "upstream inventory:",
         "  hosts: inventory.internal, inventory.internal:8443",
         "  path_prefix: /api",
@@ -224,6 +225,8 @@ def test_check_describes_tls_interception(tmp_path: Path) -> None:
     assert result.stdout.splitlines()[1:] == [
         "listen: 127.0.0.1:15080  admin_listen: 0.0.0.0:15090  unknown_hosts: passthrough  "
         f"tls_intercept: on, generated CA, CA certificate written to {tmp_path}/ca.crt",
+        "token_cache: off",
+        "token_endpoint_concurrency: 8",
         "upstreams: 0",
     ]
 
@@ -281,3 +284,86 @@ def test_check_warns_about_short_client_secrets(
     (good_config.parent / "client-secret").write_text(SECRET + "\n")
     assert main(["check", "--config", str(good_config)]) == 0
     assert capsys.readouterr().err == ""
+
+
+CACHE_KEY = "c2hhcmVkLWJ5LWV2ZXJ5LXJlcGxpY2Etb2YtdGhlLWZsZWV0IQ=="  # over 32 bytes
+TOKEN_CACHE = """\
+token_cache:
+  redis:
+    url: rediss://redis.token-proxy.svc:6380/2
+    username: token-proxy
+    password_file: {directory}/redis-password
+  encryption_key_file: {directory}/cache-key
+  key_prefix: fleet-a
+  lock_timeout: 2500ms
+token_endpoint_concurrency: 4
+"""
+
+
+def test_check_summarises_the_token_cache(
+    good_config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Redis URL, key prefix, lock timeout and the upstreams that keep their own tokens."""
+    monkeypatch.delenv("TOKEN_PROXY_CONFIG", raising=False)
+    monkeypatch.setenv("BILLING_SECRET", SECRET)
+    directory = good_config.parent
+    (directory / "redis-password").write_text(SECRET + "-redis\n")
+    (directory / "cache-key").write_text(CACHE_KEY + "\n")
+    text = TOKEN_CACHE.format(directory=directory) + good_config.read_text().replace(
+        "      auth_method: client_secret_post\n",
+        "      auth_method: client_secret_post\n      cache: local\n",
+    )
+    good_config.write_text(text)
+    assert main(["check", "--config", str(good_config)]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[2:5] == [
+        "token_cache: rediss://redis.token-proxy.svc:6380/2  key_prefix: fleet-a  "
+        "lock_timeout: 2.5s  local upstreams: billing",
+        "token_endpoint_concurrency: 4",
+        "upstreams: 2",
+    ]
+    for secret in (SECRET, CACHE_KEY):
+        assert secret not in captured.out + captured.err
+
+
+def test_check_names_every_upstream_that_keeps_its_token_local() -> None:
+    cache = TokenCacheConfig(
+        redis=RedisConfig(url="redis://redis.internal"), encryption_key_file=Path("/k")
+    )
+    config = ProxyConfig(upstreams=(), token_cache=cache)
+    assert summary(config).splitlines()[2] == (
+        "token_cache: redis://redis.internal  key_prefix: token-proxy  lock_timeout: 10s  "
+        "local upstreams: (none)"
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis://:{SECRET}@redis.internal:6379/0",
+        f"rediss://token-proxy:{SECRET}@redis.internal/0",
+        f"redis://{SECRET}@redis.internal",
+    ],
+    ids=["password", "user-and-password", "user"],
+)
+def test_the_summary_never_shows_redis_credentials(url: str) -> None:
+    """The loader refuses credentials in the URL; the summary drops them regardless."""
+    cache = TokenCacheConfig(redis=RedisConfig(url=url), encryption_key_file=Path("/k"))
+    line = summary(ProxyConfig(upstreams=(), token_cache=cache)).splitlines()[2]
+    assert SECRET not in line
+    assert line.startswith(f"token_cache: {url.partition('://')[0]}://redis.internal")
+
+
+def test_a_short_cache_key_is_one_line_and_exit_2(good_config: Path) -> None:
+    directory = good_config.parent
+    (directory / "redis-password").write_text("p\n")
+    (directory / "cache-key").write_text("too-short\n")
+    good_config.write_text(TOKEN_CACHE.format(directory=directory) + good_config.read_text())
+    result = run_cli("check", "--config", str(good_config), env={"BILLING_SECRET": SECRET})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"token-proxy: {good_config}: token_cache.encryption_key_file: the key is shorter "
+        "than 32 bytes (make one with: openssl rand -base64 32)"
+    ]
+    assert "too-short" not in result.stderr

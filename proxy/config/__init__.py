@@ -1,6 +1,10 @@
-"""The configuration: the typed model (`model`) and the YAML loader that fills it (`load`).
+"""The configuration: the typed model (`model`) and the YAML loader that fills it.
 
 Everything else imports from here: ``from proxy.config import ProxyConfig, load_config``.
+`load` is the loader's entry point; the sections it reads have modules of their own
+(`upstream`, `token`, `tls`, `cache`, `checks`), on top of `source` (the YAML, `${VAR}`
+and files) and the values (`scalars`, `urls`, `keys`: the private keys the token code
+signs with, checked by the same function at load).
 """
 
 from proxy.config.load import load_config, parse_duration, short_secret_warnings

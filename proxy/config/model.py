@@ -127,7 +127,7 @@ class TokenConfig:
     auth_method: AuthMethod = "client_secret_basic"
     client_secret: Secret | None = field(default=None, repr=False)
     client_secret_file: Path | None = None  # re-read at every fetch
-    private_key_file: Path | None = None  # private_key_jwt: RSA (RS256) or EC P-256 (ES256)
+    private_key_file: Path | None = None  # RSA or EC, PEM or DER: proxy.config.keys
     key_id: str | None = None  # `kid` header of the client assertion
     client_assertion_file: Path | None = None  # sent as-is as the client assertion
     scope: tuple[str, ...] = ()

@@ -15,14 +15,9 @@ import secrets
 from pathlib import Path
 
 import jwt
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import (
-    load_der_private_key,
-    load_pem_private_key,
-)
 
 from proxy.config import TokenConfig
+from proxy.config.keys import SigningKey, UnusableKey, parse_signing_key
 from proxy.errors import InvalidClient
 from proxy.tokens.clock import wall_time
 
@@ -40,36 +35,23 @@ JWT_BEARER_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bea
 # RFC 7523 §3 wants a short-lived assertion; a minute covers any sane clock skew.
 ASSERTION_LIFETIME = 60
 
-SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-
-_EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
-
 
 def load_signing_key(path: Path) -> tuple[SigningKey, str]:
-    """The private key in `path` (PEM or DER, unencrypted) and its JWS algorithm."""
+    """The private key in `path` and its JWS algorithm, by the rule `proxy.config.keys` sets.
+
+    The config loader checked the same file with the same function at load; this reads
+    it again for every assertion, so a rotated key file is picked up.
+    """
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise InvalidClient(f"private key file unreadable: {path} ({exc.strerror})") from None
     try:
-        if b"-----BEGIN" in data:
-            key = load_pem_private_key(data, password=None)
-        else:
-            key = load_der_private_key(data, password=None)
-    except TypeError:
-        raise InvalidClient(f"private key file is encrypted: {path}") from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise InvalidClient(f"private key file is not a readable private key: {path}") from None
-    if isinstance(key, rsa.RSAPrivateKey):
-        if key.key_size < 2048:
-            raise InvalidClient(f"RSA key in {path} is shorter than 2048 bits (RFC 7518 §3.3)")
-        return key, "RS256"
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        algorithm = _EC_ALGORITHMS.get(key.curve.name)
-        if algorithm is None:
-            raise InvalidClient(f"EC key in {path} uses unsupported curve {key.curve.name}")
-        return key, algorithm
-    raise InvalidClient(f"private key in {path} is neither RSA nor EC")
+        return parse_signing_key(data)
+    except UnusableKey as exc:
+        raise InvalidClient(
+            f"private key file is not a readable private key: {path} ({exc})"
+        ) from None
 
 
 def sign_client_assertion(
