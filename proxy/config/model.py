@@ -236,25 +236,3 @@ class ProxyConfig:
 
 # A client secret shorter than this is easy to guess; `check` and start-up warn about it.
 MIN_SECRET_LENGTH = 8
-
-__all__ = [
-    "MIN_SECRET_LENGTH",
-    "Address",
-    "AuthMethod",
-    "ConfigError",
-    "HostMatch",
-    "LimitsConfig",
-    "LogFormat",
-    "MatchConfig",
-    "ProxyConfig",
-    "RedisConfig",
-    "Secret",
-    "TargetUrl",
-    "TlsClientConfig",
-    "TlsInterceptConfig",
-    "TokenCacheConfig",
-    "TokenCacheMode",
-    "TokenConfig",
-    "UnknownHosts",
-    "UpstreamConfig",
-]
