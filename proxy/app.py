@@ -23,7 +23,7 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from proxy.config import ConfigError, ProxyConfig, UpstreamConfig, load_config
+from proxy.config import ConfigError, ProxyConfig, TokenConfig, UpstreamConfig, load_config
 from proxy.datapath.forward import Forwarder
 from proxy.datapath.listener import Listener
 from proxy.datapath.runtime import Runtime, RuntimeHolder
@@ -36,6 +36,8 @@ from proxy.ops.metrics import Metrics
 from proxy.ops.throttled_log import ThrottledLog
 from proxy.tls.intercept import TlsInterceptor
 from proxy.tokens import TokenProvider
+from proxy.tokens.cache_crypto import CacheKeys
+from proxy.tokens.shared_cache import CacheBackend, SharedSlot
 
 log = logging.getLogger("token_proxy.app")
 
@@ -77,6 +79,11 @@ class ProxyApp:
         self._reload_lock = asyncio.Lock()
         self.tunnels: TunnelHandler | None = None
         self.forwarder: Forwarder | None = None
+        # The fleet token cache (token_cache), if configured; fixed until a restart.
+        self.token_cache: CacheBackend | None = None
+        self._cache_keys: CacheKeys | None = None
+        # One semaphore per token endpoint, shared by the providers that use it.
+        self._fetch_slots: dict[str, asyncio.Semaphore] = {}
 
     # -- HealthSource (read by the admin endpoints) --------------------------
 
@@ -100,6 +107,7 @@ class ProxyApp:
 
     async def start(self) -> None:
         config = self.config
+        self._open_token_cache()
         for upstream in config.upstreams:
             self.providers[upstream.name] = await self._start_provider(upstream)
         self._holder = RuntimeHolder(Runtime.build(config, self.providers))
@@ -135,14 +143,44 @@ class ProxyApp:
             # Defence in depth: the log formatter masks this exact string in the token
             # code's lines, where a token endpoint might echo it (see proxy/logs.py).
             register_secret(upstream.token.client_secret.reveal())
+        shared = None
+        cache, keys = self.token_cache, self._cache_keys
+        if cache is not None and keys is not None and upstream.token.cache == "shared":
+            shared = SharedSlot(cache, keys, upstream.name, upstream.token, self.metrics)
         provider = TokenProvider(
             upstream.name,
             upstream.token,
             self.metrics,
             allow_insecure_http=upstream.allow_insecure_http,
+            shared=shared,
+            fetch_slots=self._fetch_slots_for(upstream.token),
         )
         await provider.start()
         return provider
+
+    def _open_token_cache(self) -> None:
+        """The Redis client of `token_cache` (it connects at its first use)."""
+        cache = self.config.token_cache
+        if cache is None:
+            return
+        try:
+            self._cache_keys = CacheKeys.from_file(cache.encryption_key_file)
+        except (OSError, ValueError) as error:
+            detail = error.strerror if isinstance(error, OSError) else str(error)
+            raise ConfigError(
+                self.config.source, "token_cache.encryption_key_file", str(detail)
+            ) from None
+        self.token_cache = CacheBackend(cache, self.metrics)
+        self.token_cache.start()
+
+    def _fetch_slots_for(self, token: TokenConfig) -> asyncio.Semaphore:
+        endpoint = token.token_url or f"issuer:{token.issuer}"
+        slots = self._fetch_slots.get(endpoint)
+        if slots is None:
+            slots = self._fetch_slots[endpoint] = asyncio.Semaphore(
+                self.config.token_endpoint_concurrency
+            )
+        return slots
 
     async def _start_reverse_listener(self, upstream: UpstreamConfig) -> None:
         assert upstream.listen is not None
@@ -158,7 +196,10 @@ class ProxyApp:
         self.reverse_listeners[upstream.name] = listener
 
     async def _start_admin(self) -> None:
-        app = create_admin_app(self.metrics, self)
+        cache = self.token_cache
+        app = create_admin_app(
+            self.metrics, self, token_cache=cache.status if cache is not None else None
+        )
         self._admin = AdminServer(app, self.config.admin_listen, self.config.limits)
         await self._admin.start()
 
@@ -181,6 +222,11 @@ class ProxyApp:
             if config.listen != old.listen or config.admin_listen != old.admin_listen:
                 log.warning(
                     "listen and admin_listen changes take effect only after a restart",
+                    extra={"event": "reload_partial"},
+                )
+            if config.token_cache != old.token_cache:
+                log.warning(
+                    "token_cache changes take effect only after a restart",
                     extra={"event": "reload_partial"},
                 )
             if config.tls_intercept != old.tls_intercept:
@@ -295,6 +341,8 @@ class ProxyApp:
             await listener.close()
         for provider in self.providers.values():
             await provider.close()
+        if self.token_cache is not None:
+            await self.token_cache.close()
         self.pool.close()
         if self._admin is not None:
             await self._admin.close()

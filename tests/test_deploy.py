@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 BASE = DEPLOY / "base"
 OVERLAY = DEPLOY / "overlays" / "example"
-KUSTOMIZATIONS = [BASE, OVERLAY]
+FLEET_CACHE_OVERLAY = DEPLOY / "overlays" / "fleet-cache"
+KUSTOMIZATIONS = [BASE, OVERLAY, FLEET_CACHE_OVERLAY]
 # Native sidecars (restartPolicy: Always on an init container) are on by default from
 # 1.29; validate against the oldest schema we claim (1.30) and the newest one known.
 KUBERNETES_VERSIONS = ["1.30.0", "latest"]
@@ -561,7 +562,11 @@ def test_manifests_validate_against_kubernetes_schemas(
                 f"{manifest['kind']}/{manifest['metadata']['name']}: {where}: {error.message}"
             ) from None
         validated.append(manifest["kind"])
-    assert sorted(validated) == ["ConfigMap", "Deployment", "Secret", "ServiceAccount"]
+    expected = ["ConfigMap", "Deployment", "Secret", "ServiceAccount"]
+    if directory == FLEET_CACHE_OVERLAY:
+        # Its Valkey (Deployment, Service), the NetworkPolicy and the cache's Secret.
+        expected += ["Deployment", "NetworkPolicy", "Secret", "Service"]
+    assert sorted(validated) == sorted(expected)
 
 
 def test_prometheus_operator_resources_are_well_formed(overlay: list[Manifest]) -> None:

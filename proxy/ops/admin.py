@@ -9,7 +9,9 @@ so that config reloads and draining show at once.
 - ``/readyz`` is readiness: 200 once every *required* upstream holds a valid token
   and the proxy is not draining; otherwise 503 naming what it waits for.
 - ``/status`` describes each upstream from `TokenProvider.status()`, which never
-  holds a token or a secret.
+  holds a token or a secret (including where its token came from: ``fetched`` or
+  ``shared_cache``), and, when a fleet token cache is configured, its state under
+  ``token_cache``. Readiness never depends on that cache.
 
 Only GET and HEAD are served; responses are never cached. The admin server has no
 access log: probes and scrapes every few seconds would drown the proxy's own. It has
@@ -22,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -60,6 +62,7 @@ class HealthSource(Protocol):
 
 
 HEALTH_KEY = web.AppKey[HealthSource]("health")
+TOKEN_CACHE_KEY = web.AppKey["Callable[[], dict[str, object]] | None"]("token_cache")
 
 
 def _json(body: object, *, status: int = 200) -> web.Response:
@@ -104,7 +107,15 @@ async def status(request: web.Request) -> web.Response:
         name: {**upstream.provider.status(), "required": upstream.required}
         for name, upstream in health.upstreams().items()
     }
-    return _json({"version": __version__, "draining": health.draining, "upstreams": upstreams})
+    body: dict[str, object] = {
+        "version": __version__,
+        "draining": health.draining,
+        "upstreams": upstreams,
+    }
+    token_cache = request.app[TOKEN_CACHE_KEY]
+    if token_cache is not None:
+        body["token_cache"] = token_cache()
+    return _json(body)
 
 
 async def _no_store(request: web.Request, response: web.StreamResponse) -> None:
@@ -112,10 +123,17 @@ async def _no_store(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["Cache-Control"] = "no-store"
 
 
-def create_admin_app(metrics: Metrics, health: HealthSource) -> web.Application:
-    """The admin application; serve it with `AdminServer`."""
+def create_admin_app(
+    metrics: Metrics,
+    health: HealthSource,
+    *,
+    token_cache: Callable[[], dict[str, object]] | None = None,
+) -> web.Application:
+    """The admin application; serve it with `AdminServer`. `token_cache`, when the
+    fleet token cache is configured, gives its state for /status."""
     app = web.Application()
     app[HEALTH_KEY] = health
+    app[TOKEN_CACHE_KEY] = token_cache
     # add_get also answers HEAD; other methods get 405, other paths 404.
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
     app.router.add_get("/healthz", healthz)

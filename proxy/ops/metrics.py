@@ -9,6 +9,10 @@ the first failure, which is what alert expressions such as ``increase()`` need.
 
 A `Metrics` owns its `CollectorRegistry`, so tests build a fresh one each. No metric has
 a `*_created` series.
+
+The fleet token cache's families (``token_proxy_token_cache_*``) are registered only by
+`Metrics.enable_token_cache`, when a ``token_cache`` is configured: a proxy without one
+exports none of them (and no ``token_proxy_token_cache_up`` of 0 to alert on).
 """
 
 from __future__ import annotations
@@ -30,6 +34,20 @@ from prometheus_client.registry import Collector
 
 from proxy import __version__, data_path_build
 from proxy.errors import TOKEN_FETCH_FAILURE_REASONS
+
+# The fleet token cache's label values (see proxy/tokens/shared_cache.py).
+TOKEN_CACHE_LOOKUP_RESULTS: Final = ("hit", "miss", "error")
+TOKEN_CACHE_WAIT_OUTCOMES: Final = ("entry", "acquired", "timeout", "error")
+TOKEN_CACHE_REJECT_REASONS: Final = ("undecryptable", "malformed")
+TOKEN_CACHE_ERROR_REASONS: Final = (
+    "auth",
+    "out_of_memory",
+    "read_only",
+    "cluster_redirect",
+    "timeout",
+    "error_reply",
+    "unreachable",
+)
 
 UNMATCHED: Final = "unmatched"
 
@@ -140,7 +158,76 @@ class Metrics:
         )
         for outcome in ("success", "failure"):
             self.config_reloads.labels(outcome=outcome)
+        # The fleet token cache: registered by enable_token_cache() only.
+        self.token_cache_enabled = False
+        self.token_cache_up = Gauge(
+            "token_proxy_token_cache_up",
+            "1 while the shared token cache (Redis) answers, 0 while tokens are fetched "
+            "without it.",
+            registry=None,
+        )
+        self.token_cache_lookups = Counter(
+            "token_proxy_token_cache_lookups_total",
+            "Reads of the shared token cache before a token request, by result (hit, miss, error).",
+            ["upstream", "result"],
+            registry=None,
+        )
+        self.token_cache_lock_waits = Counter(
+            "token_proxy_token_cache_lock_waits_total",
+            "Waits for another replica's token request, by outcome (entry: its token "
+            "arrived; acquired: its lock expired and this replica took it; timeout: "
+            "lock_timeout passed; error: the cache failed meanwhile).",
+            ["upstream", "outcome"],
+            registry=None,
+        )
+        self.token_cache_write_failures = Counter(
+            "token_proxy_token_cache_write_failures_total",
+            "Fetched tokens that could not be written to the shared token cache.",
+            ["upstream"],
+            registry=None,
+        )
+        self.token_cache_rejected_entries = Counter(
+            "token_proxy_token_cache_rejected_entries_total",
+            "Shared cache entries ignored because they did not decrypt (another key, "
+            "tampering) or did not parse.",
+            ["reason"],
+            registry=None,
+        )
+        self.token_cache_errors = Counter(
+            "token_proxy_token_cache_errors_total",
+            "Failed operations on the shared token cache, by reason.",
+            ["reason"],
+            registry=None,
+        )
         self.register_upstream(UNMATCHED, token=False)
+
+    def enable_token_cache(self) -> None:
+        """Register the token cache's families (once), with their process-level series."""
+        if self.token_cache_enabled:
+            return
+        self.token_cache_enabled = True
+        for family in (
+            self.token_cache_up,
+            self.token_cache_lookups,
+            self.token_cache_lock_waits,
+            self.token_cache_write_failures,
+            self.token_cache_rejected_entries,
+            self.token_cache_errors,
+        ):
+            self.registry.register(family)
+        self.token_cache_up.set(0)
+        for reason in TOKEN_CACHE_REJECT_REASONS:
+            self.token_cache_rejected_entries.labels(reason=reason)
+        for reason in TOKEN_CACHE_ERROR_REASONS:
+            self.token_cache_errors.labels(reason=reason)
+
+    def register_cache_upstream(self, name: str) -> None:
+        """Create the token cache series of an upstream that shares its token."""
+        for result in TOKEN_CACHE_LOOKUP_RESULTS:
+            self.token_cache_lookups.labels(upstream=name, result=result)
+        for outcome in TOKEN_CACHE_WAIT_OUTCOMES:
+            self.token_cache_lock_waits.labels(upstream=name, outcome=outcome)
+        self.token_cache_write_failures.labels(upstream=name)
 
     def observe_request(self, upstream: str, status: int, seconds: float) -> None:
         """Count one answered request (token_proxy_requests_total and its duration)."""
@@ -181,6 +268,14 @@ class Metrics:
         for reason in TOKEN_FETCH_FAILURE_REASONS:
             with contextlib.suppress(KeyError):
                 self.token_fetch_failures.remove(name, reason)
+        with contextlib.suppress(KeyError):
+            self.token_cache_write_failures.remove(name)
+        for result in TOKEN_CACHE_LOOKUP_RESULTS:
+            with contextlib.suppress(KeyError):
+                self.token_cache_lookups.remove(name, result)
+        for outcome in TOKEN_CACHE_WAIT_OUTCOMES:
+            with contextlib.suppress(KeyError):
+                self.token_cache_lock_waits.remove(name, outcome)
 
 
 class _UpstreamRequests:

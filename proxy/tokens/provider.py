@@ -28,6 +28,25 @@ Policy:
 Expiry is kept on the monotonic `clock` (injectable for tests); the Prometheus gauges
 and `status()` add wall-clock views of it, read from `wall_clock` when they are read.
 Tokens and secrets never reach a log line, a metric or `status()`.
+
+With a `SharedSlot` (the fleet token cache, `proxy.tokens.shared_cache`) every fetch
+goes through the cache first, in the background task, never on the request path:
+
+* read the shared entry, and take its token if it is still valid beyond the refresh
+  margin on this replica's wall clock (and is neither the token held nor one an
+  upstream refused);
+* otherwise take the credential's lock, or wait up to ``lock_timeout`` for the new
+  entry of the replica that holds it; then request a token (with the lock, or on
+  our own once the wait is over or the cache failed) and write it back.
+
+Refreshes coordinate by themselves: every replica holding a token plans its renewal
+at ``expiry - margin - jitter``; the first to get there finds the entry it already
+holds, takes the lock and renews; the others, a jittered moment later, find the
+renewed entry and take it. A 401 removes the shared entry only if it still holds the
+refused token (`SharedSlot.purge`). A cache that fails is counted and bypassed.
+
+`fetch_slots`, shared by the providers of one token endpoint, bounds how many token
+requests are in flight to it at once (``token_endpoint_concurrency``).
 """
 
 from __future__ import annotations
@@ -47,10 +66,12 @@ from proxy.config import TokenConfig
 from proxy.errors import TokenEndpointUnreachable, TokenFetchError, TokenUnavailable
 from proxy.ops.metrics import Metrics
 from proxy.tls.client_context import client_ssl_context
+from proxy.tokens.cache_crypto import CacheEntry
 from proxy.tokens.client import TokenClient, TokenResponse, display_url
 from proxy.tokens.clock import wall_time
 from proxy.tokens.discovery import discover_token_endpoint
 from proxy.tokens.held_token import HeldToken
+from proxy.tokens.shared_cache import LockHeld, SharedEntry, SharedSlot
 
 __all__ = ["TokenProvider"]
 
@@ -90,6 +111,8 @@ class TokenProvider:
         wall_clock: Callable[[], float] = wall_time,
         rng: random.Random | None = None,
         invalidate_interval: float = INVALIDATE_INTERVAL,
+        shared: SharedSlot | None = None,
+        fetch_slots: asyncio.Semaphore | None = None,
     ) -> None:
         self.upstream = upstream
         self._config = config
@@ -99,10 +122,13 @@ class TokenProvider:
         self._wall_clock = wall_clock
         self._rng = rng if rng is not None else random.Random()
         self._invalidate_interval = invalidate_interval
+        self._shared = shared
+        self._fetch_slots = fetch_slots
 
         # The token, and until when (monotonic: expiry minus leeway) it may be sent.
         self.held = HeldToken(clock)
         self._expires_at = -math.inf  # monotonic
+        self._lifetime = 0.0  # of the held token, as given (after the floor)
         self._lifetime_clamped = False
         self._refresh_at = math.inf  # monotonic
         self._next_attempt_at = -math.inf  # monotonic: backoff, no attempt before this
@@ -116,6 +142,13 @@ class TokenProvider:
         self._last_fetch_time: float | None = None
         self._last_success_time: float | None = None
         self._last_fetch_duration: float | None = None
+        # The fleet cache: where the held token came from, the exact shared value that
+        # holds it (for the 401 purge), a value to purge, and the token refused last.
+        self._token_source: str | None = None
+        self._shared_value: bytes | None = None
+        self._purge_value: bytes | None = None
+        self._refused_token: str | None = None
+        self._shared_hits = 0
 
         self._token_endpoint: str | None = config.token_url
         self._rediscover = False
@@ -217,6 +250,9 @@ class TokenProvider:
             )
             return
         self._last_invalidation = now
+        self._refused_token = token
+        # The purge runs in the next fetch, off the request path.
+        self._purge_value, self._shared_value = self._shared_value, None
         self.held.drop()
         log.info(
             "upstream %s rejected its token; fetching a new one",
@@ -257,6 +293,9 @@ class TokenProvider:
             "consecutive_failures": self._consecutive_failures,
             "fetches": self._fetches,
             "failed_fetches": self._failed_fetches,
+            "token_source": self._token_source if valid else None,
+            "token_cache": "local" if self._shared is None else "shared",
+            "shared_cache_hits": self._shared_hits,
             "token_endpoint": display_url(self._token_endpoint) if self._token_endpoint else None,
         }
 
@@ -302,11 +341,22 @@ class TokenProvider:
     async def _fetch(self) -> None:
         """One attempt, recorded; never raises (except when cancelled)."""
         started = time.perf_counter()
+        lock: LockHeld | None = None
         try:
+            if self._shared is not None:
+                taken, lock = await self._through_cache(self._shared)
+                if taken:
+                    return
+                started = time.perf_counter()
             client = self._ensure_client()
             endpoint = await self._token_endpoint_for_attempt()
-            sent_at = self._clock()
-            response = await client.fetch(endpoint)
+            if self._fetch_slots is None:
+                sent_at = self._clock()
+                response = await client.fetch(endpoint)
+            else:
+                async with self._fetch_slots:
+                    sent_at = self._clock()
+                    response = await client.fetch(endpoint)
         except TokenFetchError as failure:
             self._record_failure(failure, time.perf_counter() - started)
         except Exception as exc:  # a bug must not stop the refresh loop
@@ -320,9 +370,90 @@ class TokenProvider:
             self._record_failure(unexpected, time.perf_counter() - started)
         else:
             self._record_success(response, sent_at, time.perf_counter() - started)
+            if self._shared is not None:
+                await self._write_back(self._shared, response)
         finally:
-            self._fetch_task = None
-            self._wake.set()
+            try:
+                if lock is not None and self._shared is not None:
+                    await self._shared.release(lock)
+            finally:
+                self._fetch_task = None
+                self._wake.set()
+
+    # -- the fleet cache -------------------------------------------------------------
+
+    async def _through_cache(self, shared: SharedSlot) -> tuple[bool, LockHeld | None]:
+        """Take a token from the shared cache if it has one; else the lock, if to be had.
+
+        (True, None): a token was taken. (False, lock or None): request one, holding
+        `lock` if not None.
+        """
+        if self._purge_value is not None:
+            value, self._purge_value = self._purge_value, None
+            if await shared.purge(value):
+                log.info(
+                    "removed the token %s refused from the shared cache",
+                    self.upstream,
+                    extra={"event": "token_cache_purge", "upstream": self.upstream},
+                )
+        found = await shared.lookup(self._acceptable)
+        if found is None:
+            outcome = await shared.lock_or_wait(self._acceptable)
+            if not isinstance(outcome, SharedEntry):
+                return False, outcome
+            found = outcome
+        if not self._closed:
+            self._take_shared(found)
+        return True, None
+
+    def _acceptable(self, entry: CacheEntry) -> bool:
+        """Whether a shared entry is worth taking: a token other than the one held or
+        refused, valid beyond its refresh margin on this replica's wall clock."""
+        if entry.access_token == self.held.token or entry.access_token == self._refused_token:
+            return False
+        remaining = min(entry.expires_at - self._wall_clock(), entry.lifetime)
+        return remaining > self._margin(entry.lifetime)
+
+    def _take_shared(self, found: SharedEntry) -> None:
+        entry = found.entry
+        now = self._clock()
+        # A writer's clock behind ours cannot make a token live longer than its lifetime.
+        remaining = min(entry.expires_at - self._wall_clock(), entry.lifetime)
+        recovered_after = self._consecutive_failures
+        self._hold(entry.access_token, entry.lifetime, now + remaining, now)
+        self._token_source = "shared_cache"
+        self._shared_value = found.value
+        self._shared_hits += 1
+        self._last_success_time = self._wall_clock()
+        log.info(
+            "token for %s taken from the shared cache: expires in %.0f s, refresh in %.0f s%s",
+            self.upstream,
+            remaining,
+            self._refresh_at - now,
+            f" (recovered after {recovered_after} failures)" if recovered_after else "",
+            extra={
+                "event": "token_shared",
+                "upstream": self.upstream,
+                "expires_in": round(remaining, 1),
+                "refresh_in": round(self._refresh_at - now, 1),
+                "recovered_after_failures": recovered_after,
+            },
+        )
+
+    async def _write_back(self, shared: SharedSlot, response: TokenResponse) -> None:
+        """Share the token just fetched, to expire from Redis when it expires."""
+        if self._closed or self.held.token != response.access_token:
+            return
+        ttl = self._expires_at - self._clock()
+        entry = CacheEntry(
+            response.access_token,
+            response.token_type,
+            expires_at=self._wall_clock() + ttl,
+            lifetime=self._lifetime,
+        )
+        value = await shared.store(entry, ttl)
+        if self.held.token == response.access_token:
+            self._shared_value = value
 
     def _ensure_client(self) -> TokenClient:
         if self._client is not None:
@@ -372,21 +503,33 @@ class TokenProvider:
                 )
         return self._token_endpoint
 
-    def _record_success(self, response: TokenResponse, sent_at: float, duration: float) -> None:
-        now = self._clock()
-        lifetime = self._floored_lifetime(response)
+    def _hold(self, token: str, lifetime: float, expires_at: float, now: float) -> None:
+        """Hold `token` until `expires_at` (monotonic) and plan its renewal."""
         leeway = min(EXPIRY_LEEWAY_MAX, lifetime * EXPIRY_LEEWAY_FRACTION)
-        margin = max(self._refresh_margin(lifetime), leeway)
+        margin = self._margin(lifetime)
         jitter = self._rng.uniform(0.0, REFRESH_JITTER_FRACTION * margin)
-        # Lifetimes count from when the request was sent: the conservative end.
-        self._expires_at = sent_at + lifetime
+        self._expires_at = expires_at
+        self._lifetime = lifetime
         if not self._closed:
-            self.held.hold(response.access_token, self._expires_at - leeway)
-        self._refresh_at = max(self._expires_at - margin - jitter, now + MIN_REFRESH_DELAY)
-        recovered_after = self._consecutive_failures
+            self.held.hold(token, expires_at - leeway)
+        self._refresh_at = max(expires_at - margin - jitter, now + MIN_REFRESH_DELAY)
         self._consecutive_failures = 0
         self._next_attempt_at = -math.inf
         self._rediscover = False
+
+    def _margin(self, lifetime: float) -> float:
+        """How long before expiry a token of `lifetime` is renewed (never within the leeway)."""
+        leeway = min(EXPIRY_LEEWAY_MAX, lifetime * EXPIRY_LEEWAY_FRACTION)
+        return max(self._refresh_margin(lifetime), leeway)
+
+    def _record_success(self, response: TokenResponse, sent_at: float, duration: float) -> None:
+        now = self._clock()
+        lifetime = self._floored_lifetime(response)
+        recovered_after = self._consecutive_failures
+        # Lifetimes count from when the request was sent: the conservative end.
+        self._hold(response.access_token, lifetime, sent_at + lifetime, now)
+        self._token_source = "fetched"
+        self._shared_value = None
         self._fetches += 1
         self._last_fetch_time = self._last_success_time = self._wall_clock()
         self._last_fetch_duration = duration

@@ -23,7 +23,13 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from proxy.errors import TOKEN_FETCH_FAILURE_REASONS
-from proxy.ops.metrics import Metrics
+from proxy.ops.metrics import (
+    TOKEN_CACHE_ERROR_REASONS,
+    TOKEN_CACHE_LOOKUP_RESULTS,
+    TOKEN_CACHE_REJECT_REASONS,
+    TOKEN_CACHE_WAIT_OUTCOMES,
+    Metrics,
+)
 from tests.support import tools
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,6 +56,10 @@ KNOWN_LABEL_VALUES = {
     ("token_proxy_token_fetches_total", "outcome"): {"success", "failure"},
     ("token_proxy_config_reloads_total", "outcome"): {"success", "failure"},
     ("token_proxy_token_fetch_failures_total", "reason"): set(TOKEN_FETCH_FAILURE_REASONS),
+    ("token_proxy_token_cache_lookups_total", "result"): set(TOKEN_CACHE_LOOKUP_RESULTS),
+    ("token_proxy_token_cache_lock_waits_total", "outcome"): set(TOKEN_CACHE_WAIT_OUTCOMES),
+    ("token_proxy_token_cache_errors_total", "reason"): set(TOKEN_CACHE_ERROR_REASONS),
+    ("token_proxy_token_cache_rejected_entries_total", "reason"): set(TOKEN_CACHE_REJECT_REASONS),
 }
 # Grafana's variables, replaced by values that keep a query valid PromQL.
 GRAFANA_SUBSTITUTES = {
@@ -75,6 +85,8 @@ def exported_series() -> dict[str, frozenset[str]]:
     """Every series name a live `Metrics()` exports -> the label names it carries."""
     metrics = Metrics()
     metrics.register_upstream("inventory")
+    metrics.enable_token_cache()  # the fleet token cache's families, registered with it
+    metrics.register_cache_upstream("inventory")
     metrics.observe_request("inventory", 200, 0.01)  # so that its samples show their labels
     declared: dict[str, frozenset[str]] = {}
     # dir(), not vars(): a compiled Metrics keeps its attributes in a C struct.

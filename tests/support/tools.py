@@ -13,6 +13,10 @@ environment is used as it is, and concurrent test runs take a file lock first.
   unpacked (``apt-get download`` + ``dpkg-deb -x``) into a per-user cache, so no
   Prometheus server is installed or started and root is needed only for
   ``apt-get update`` when the package lists are empty.
+- redis-server and redis-cli: Debian's ``redis-server`` package, installed with
+  ``apt-get install`` (root; ``apt-get update`` first when the package is unknown).
+  Installing must not start a server: ``policy-rc.d`` and ``RUNLEVEL=1`` keep the
+  package's service down, and the tests start their own on a free loopback port.
 - kubectl: located only (its ``kustomize`` subcommand cross-checks our rendering).
 """
 
@@ -29,6 +33,7 @@ import sys
 import sysconfig
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -52,7 +57,7 @@ def _install_lock() -> Iterator[None]:
 
 
 def _run(command: list[str], *, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "RUNLEVEL": "1"}
     return subprocess.run(
         command,
         cwd=cwd,
@@ -161,6 +166,57 @@ def _unpack_debian_package(package: str, destination: Path) -> None:
             raise RuntimeError(f"dpkg-deb -x {debs[0].name} failed:\n{unpack.stderr}")
         shutil.rmtree(destination, ignore_errors=True)
         staging.rename(destination)
+
+
+@dataclass(frozen=True)
+class RedisTools:
+    """The Redis server binary and its command-line client."""
+
+    server: Path
+    cli: Path
+
+
+@functools.cache
+def redis() -> RedisTools:
+    """`redis-server` and `redis-cli`: on PATH, or installed from Debian's redis-server."""
+    found = _redis_on_path()
+    if found is not None:
+        return found
+    if shutil.which("apt-get") is None:
+        raise ToolUnavailable(
+            "redis-server is not installed and there is no apt-get to install Debian's "
+            "'redis-server' package: install Redis (or Valkey's redis-compatible binaries)"
+        )
+    if os.geteuid() != 0:
+        raise ToolUnavailable(
+            "redis-server is not installed and only root may run apt-get install: "
+            "run `sudo apt-get install redis-server` (its service may stay stopped)"
+        )
+    with _install_lock():
+        if _redis_on_path() is None:
+            _apt_install("redis-server")
+    found = _redis_on_path()
+    if found is None:
+        raise RuntimeError("apt-get installed redis-server but redis-server is not on PATH")
+    return found
+
+
+def _redis_on_path() -> RedisTools | None:
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    return RedisTools(Path(server), Path(cli)) if server and cli else None
+
+
+def _apt_install(package: str) -> None:
+    command = ["apt-get", "install", "-y", "-q", "--no-install-recommends", package]
+    result = _run(command)
+    if result.returncode != 0:
+        # Empty or stale package lists (a new machine): refresh them once.
+        update = _run(["apt-get", "update", "-q"])
+        if update.returncode != 0:
+            raise RuntimeError(f"apt-get update failed:\n{update.stdout}{update.stderr}")
+        result = _run(command)
+    if result.returncode != 0:
+        raise RuntimeError(f"apt-get install {package} failed:\n{result.stdout}{result.stderr}")
 
 
 def kubectl() -> Path | None:
