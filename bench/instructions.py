@@ -46,7 +46,8 @@ from proxy.datapath.forward import Forwarder
 from proxy.datapath.listener import Listener
 from proxy.datapath.runtime import Runtime, RuntimeHolder
 from proxy.datapath.tunnel import TunnelHandler
-from proxy.datapath.upstream_pool import UpstreamConnection, UpstreamPool
+from proxy.datapath.upstream_connection import UpstreamConnection
+from proxy.datapath.upstream_pool import UpstreamPool
 from proxy.ops.metrics import Metrics
 from proxy.tokens.held_token import HeldToken
 

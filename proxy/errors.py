@@ -15,6 +15,7 @@ code that raises, from names and status codes only.
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 from typing import ClassVar
 
 
@@ -118,19 +119,15 @@ class VersionNotSupported(ProxyError):
     code = "bad_request"
 
 
-_REASONS = {
-    400: "Bad Request",
-    403: "Forbidden",
-    408: "Request Timeout",
-    413: "Content Too Large",
-    414: "URI Too Long",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-    505: "HTTP Version Not Supported",
+# The reason phrase of each status code: Python's table, with the names RFC 9110 gave
+# the codes it renamed (Python 3.13 has them too). The proxy's own answers use it, and
+# so do relayed status lines that came without a phrase.
+REASON_PHRASES: dict[int, str] = {
+    **{status.value: status.phrase for status in HTTPStatus},
+    413: "Content Too Large",  # RFC 9110 §15.5.14
+    414: "URI Too Long",  # RFC 9110 §15.5.15
+    416: "Range Not Satisfiable",  # RFC 9110 §15.5.17
+    422: "Unprocessable Content",  # RFC 9110 §15.5.21
 }
 
 
@@ -151,7 +148,7 @@ def error_response(error: ProxyError, *, keep_alive: bool, head_only: bool = Fal
     """
     body = error_body(error)
     lines = [
-        f"HTTP/1.1 {error.status} {_REASONS.get(error.status, 'Error')}",
+        f"HTTP/1.1 {error.status} {REASON_PHRASES.get(error.status, 'Error')}",
         "Content-Type: application/json",
         f"Content-Length: {len(body)}",
         "Cache-Control: no-store",

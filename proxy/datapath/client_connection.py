@@ -18,13 +18,27 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import httptools
 
 from proxy.config import LimitsConfig
 from proxy.datapath.flow_control import FlowControlledProtocol
 from proxy.datapath.messages import HeadFields, RequestHead
+from proxy.datapath.states import (
+    AWAITING_REQUEST,
+    HEAD_COMPLETE,
+    IN_BODY,
+    IN_HEAD,
+    MESSAGE_BEGIN,
+    MESSAGE_COMPLETE,
+    STOP_PARSING,
+    STOPPED,
+    TAKE_OVER,
+    TAKEN_OVER,
+    TRAILER_FIELD,
+    client_next,
+)
 from proxy.errors import (
     BadRequest,
     HeadersTooLarge,
@@ -36,9 +50,6 @@ from proxy.errors import (
     error_response,
 )
 from proxy.ops.throttled_log import ThrottledLog
-
-if TYPE_CHECKING:
-    from proxy.datapath.listener import Listener
 
 log = logging.getLogger("token_proxy.connection")
 _refusals = ThrottledLog(log)
@@ -59,6 +70,18 @@ _HTTP2_NOT_SUPPORTED = (
 # A request body buffered beyond this pauses reading from the client until it drains.
 BODY_HIGH_WATER = 256 * 1024
 BODY_LOW_WATER = 64 * 1024
+
+
+class ConnectionOwner(Protocol):
+    """The port a client connection belongs to (`proxy.datapath.listener.Listener`)."""
+
+    name: str
+    limits: LimitsConfig
+    draining: bool  # shutting down: no keep-alive after the answer in flight
+
+    def connection_opened(self, conn: ClientConnection) -> None: ...
+
+    def connection_closed(self, conn: ClientConnection) -> None: ...
 
 
 class RawSink(Protocol):
@@ -145,7 +168,9 @@ class RequestHandler(Protocol):
 class ClientConnection(FlowControlledProtocol):
     """A client's connection to one of the proxy's ports."""
 
-    def __init__(self, listener: Listener, handler: RequestHandler, limits: LimitsConfig) -> None:
+    def __init__(
+        self, listener: ConnectionOwner, handler: RequestHandler, limits: LimitsConfig
+    ) -> None:
         super().__init__()
         self.listener = listener
         self._handler = handler
@@ -171,19 +196,17 @@ class ClientConnection(FlowControlledProtocol):
         self._url = b""
         self._method = ""  # once the head is read, for an error answer to a HEAD request
         self._fields = HeadFields()
-        self._in_trailers = False
-        self._in_head = False  # a request head has begun and not yet ended
+        # Where the request stream is (`proxy.datapath.states`): moved by `_move` only.
+        self.state = AWAITING_REQUEST
         self._unfinished_head = 0
         # The chunk being parsed, while it starts where a message does; then, for the
         # message that began there, that chunk (see _http_version).
         self._chunk_at_message_start: bytes | None = None
         self._message_start_chunk: bytes | None = None
-        self._between_messages = True
         self._body: RequestBody | None = None
         self._parsing_error: ProxyError | None = None
         self._raw_sink: RawSink | None = None
         self._taken_over_tail = b""
-        self._parse_stopped = False
         self.on_resume_writing: Callable[[], None] | None = None
         # Deadlines (loop time) read by the listener's sweeper; 0 means none.
         self.header_deadline = 0.0
@@ -203,21 +226,26 @@ class ClientConnection(FlowControlledProtocol):
         self.idle_deadline = self._loop.time() + self._header_timeout
         self.listener.connection_opened(self)
 
+    def _move(self, event: int) -> None:
+        self.state = client_next(self.state, event)
+
     def data_received(self, data: bytes) -> None:
-        if self._raw_sink is not None:
-            self._raw_sink.data_from_client(data)
+        state = self.state
+        if state >= STOPPED:
+            sink = self._raw_sink
+            if sink is not None:
+                sink.data_from_client(data)
+            else:
+                # Bytes after an upgrade request while its handler decides: keep them.
+                self._taken_over_tail += data
             return
-        if self._parse_stopped:
-            # Bytes after an upgrade request while its handler decides: keep them.
-            self._taken_over_tail += data
-            return
-        in_head = self._in_head
-        self._chunk_at_message_start = data if self._between_messages else None
+        in_head = state == IN_HEAD
+        self._chunk_at_message_start = data if state == AWAITING_REQUEST else None
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._taken_over_tail = data[upgrade.args[0] :]
-            self._parse_stopped = True
+            self._move(STOP_PARSING)
             self.pause_reading()
             return
         except httptools.HttpParserError as exc:
@@ -226,7 +254,7 @@ class ClientConnection(FlowControlledProtocol):
                 return
             self._parse_failed(self._parsing_error or BadRequest(_parser_message(exc)))
             return
-        if self._in_head:
+        if self.state == IN_HEAD:
             if not self.header_deadline:
                 # A head began in these bytes and did not end in them (most heads do:
                 # the clock is only read for the others).
@@ -243,15 +271,16 @@ class ClientConnection(FlowControlledProtocol):
         # True keeps our write side open after the client's half-close. A TLS transport
         # cannot half-close: it closes whatever we answer, and warns if we say True.
         keep_open = None if self._over_tls else True
-        if self._raw_sink is not None:
-            self._raw_sink.client_eof()
+        sink = self._raw_sink
+        if sink is not None:
+            sink.client_eof()
             return keep_open  # half-close passed on (tunnels, WebSockets)
         if self._body is not None and not self._body.done:
             self._body.fail(ConnectionResetError("client closed the connection mid-body"))
         if not self.busy and not self._queue:
             return False
         # Answer what was asked before the client's half-close, then close.
-        self._parse_stopped = True
+        self._move(STOP_PARSING)
         return keep_open
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -261,7 +290,7 @@ class ClientConnection(FlowControlledProtocol):
             self._raw_sink.client_lost()
         if self._body is not None:
             self._body.fail(ConnectionResetError("client connection lost"))
-        if self.busy and self._raw_sink is None and self._worker is not None:
+        if self.busy and self.state != TAKEN_OVER and self._worker is not None:
             # Nobody is left to answer: stop waiting on (or streaming from) the upstream,
             # so that its connection is freed now rather than at its timeout.
             self._worker.cancel()
@@ -294,13 +323,11 @@ class ClientConnection(FlowControlledProtocol):
             chunk = chunk[: self._request_line_room]  # kept until the head ends: no more
         self._message_start_chunk = chunk
         self._chunk_at_message_start = None
-        self._between_messages = False
+        self._move(MESSAGE_BEGIN)
         self._url = b""
         self._method = ""
         self._fields = HeadFields()
-        self._in_trailers = False
         self._unfinished_head = 0
-        self._in_head = True
         self.idle_deadline = 0.0
 
     def on_url(self, url: bytes) -> None:
@@ -310,8 +337,11 @@ class ClientConnection(FlowControlledProtocol):
             raise self._parsing_error
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_trailers:
-            self._in_trailers = False
+        if self.state == IN_BODY:
+            # The first trailer field (llhttp reports them through on_header too): they
+            # go to fields of their own and are dropped, never merged into the head
+            # (RFC 9110 §6.5.1), yet bounded.
+            self._move(TRAILER_FIELD)
             self._fields = HeadFields()
         fields = self._fields
         fields.add(name, value)
@@ -323,7 +353,7 @@ class ClientConnection(FlowControlledProtocol):
             raise self._parsing_error
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._move(HEAD_COMPLETE)
         self.header_deadline = 0.0
         parser = self._parser
         method = self._method = parser.get_method().decode("ascii")
@@ -379,10 +409,6 @@ class ClientConnection(FlowControlledProtocol):
             hosts=tuple(hosts),
             upgrade_to=upgrade_to,
         )
-        # Trailer fields (llhttp reports them through on_header too) go to fields of their
-        # own, made when the first one comes, and are dropped: never merged into the head
-        # (RFC 9110 §6.5.1), yet bounded.
-        self._in_trailers = True
         if head.has_body:
             body: RequestBody | None = RequestBody(self)
             self._body = body
@@ -413,7 +439,7 @@ class ClientConnection(FlowControlledProtocol):
         body.feed(data)
 
     def on_message_complete(self) -> None:
-        self._between_messages = True
+        self._move(MESSAGE_COMPLETE)
         if self._body is not None:
             self._body.finish()
             self._body = None
@@ -467,16 +493,15 @@ class ClientConnection(FlowControlledProtocol):
             self.listener.name,
             self.peer,
         )
-        self._parse_stopped = True
+        self._move(STOP_PARSING)
         self.write(_HTTP2_NOT_SUPPORTED)
         self.close()
 
     def _parse_failed(self, error: ProxyError) -> None:
         # No head is arriving any more: its timeout no longer applies (an answer still
         # being written finishes, then the error goes out).
-        self._in_head = False
+        self._move(STOP_PARSING)
         self.header_deadline = 0.0
-        self._parse_stopped = True
         self.pause_reading()
         if self._body is not None:
             self._body.fail(error)
@@ -489,14 +514,14 @@ class ClientConnection(FlowControlledProtocol):
         if self.closed:
             return
         if not keep_alive or self.listener.draining:
-            if self._raw_sink is None:
+            if self.state != TAKEN_OVER:
                 self.close()
         elif self._queue:
             if self._worker is None:
                 self._worker = self._loop.create_task(self._serve())
             else:
                 self._wake_worker()
-        elif self._parse_stopped:
+        elif self.state >= STOPPED:
             self.close()
         else:
             self.idle_deadline = self._loop.time() + self._idle_timeout
@@ -505,7 +530,7 @@ class ClientConnection(FlowControlledProtocol):
         try:
             while not self.closed:
                 if not self._queue or self.busy:
-                    if self._parse_stopped and not self.busy and not self._queue:
+                    if self.state >= STOPPED and not self.busy and not self._queue:
                         self.close()
                         return
                     if not self.busy:
@@ -530,7 +555,7 @@ class ClientConnection(FlowControlledProtocol):
                 finally:
                     self.busy = False
                 if not keep_alive or self.listener.draining:
-                    if self._raw_sink is None:
+                    if self.state != TAKEN_OVER:
                         self.close()
                     return
         except Exception:
@@ -548,6 +573,7 @@ class ClientConnection(FlowControlledProtocol):
 
     def take_over(self, sink: RawSink) -> bytes:
         """Stop parsing; future bytes go to `sink`. Returns bytes already received past the head."""
+        self._move(TAKE_OVER)
         self._raw_sink = sink
         tail, self._taken_over_tail = self._taken_over_tail, b""
         self.idle_deadline = 0.0
@@ -565,7 +591,7 @@ class ClientConnection(FlowControlledProtocol):
 
     def close_if_idle(self) -> bool:
         """Close a keep-alive connection that has no request in flight (graceful shutdown)."""
-        if self.busy or self._queue or self._raw_sink is not None:
+        if self.busy or self._queue or self.state == TAKEN_OVER:
             return False
         self.close()
         return True

@@ -7,26 +7,42 @@ request and writes it upstream, and this `FastExchange` writes the response to t
 client from the upstream connection's parser callbacks - no task switch, no future and
 no timer per request, and one write per batch of response bytes.
 
-Anything unusual leaves the fast path for the general one (`proxy.datapath.forward`): a 401 to
-our token (drop it, fetch another, replay), a stale keep-alive connection (send again on
-a fresh one), or an error before the response head (the contract's error answer).
+What an answer means is decided in `proxy.datapath.decisions`, as on the general path.
+When the decision is to send the request again (a 401 to our token: drop it, fetch
+another, replay; or a stale keep-alive connection: send again on a fresh one), the
+request is handed to the general path (`SlowPath`), which can wait.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING
+from typing import Final, Protocol
 
-from proxy.datapath.messages import LAST_CHUNK, RequestHead, ResponseHead, chunk, frame_response
-from proxy.datapath.upstream_pool import Exchange, UpstreamConnection
-from proxy.errors import ProxyError, UpstreamUnreachable
+from proxy.datapath.context import RequestContext
+from proxy.datapath.decisions import (
+    ANSWER_ERROR,
+    CLIENT_GONE,
+    CUT_SHORT,
+    RELAY,
+    REPLAY_WITH_NEW_TOKEN,
+    frame_for_client,
+    on_failure,
+    on_response_head,
+    switched_unasked,
+)
+from proxy.datapath.messages import LAST_CHUNK, ResponseHead, chunk
+from proxy.datapath.outcomes import Outcomes, write_interim
+from proxy.datapath.upstream_connection import Exchange, UpstreamConnection
+from proxy.datapath.upstream_pool import UpstreamPool
+from proxy.errors import ProxyError
 
-if TYPE_CHECKING:
-    from proxy.datapath.client_connection import ClientConnection
-    from proxy.datapath.forward import Forwarder
-    from proxy.datapath.planning import Plan
+_HTTP11: Final = "1.1"
 
-log = logging.getLogger("token_proxy.forward")
+
+class SlowPath(Protocol):
+    """Carries a request on where the fast path cannot (`proxy.datapath.forward.Forwarder`)."""
+
+    def finish_slowly(self, ctx: RequestContext, how: int) -> None:
+        """Send `ctx`'s request again as `how` (a `decisions` value) says, and answer it."""
 
 
 class FastExchange(Exchange):
@@ -34,82 +50,66 @@ class FastExchange(Exchange):
 
     __slots__ = (
         "_out",
-        "conn",
-        "forwarder",
+        "ctx",
         "handed_off",
         "head_sent",
-        "injected",
         "keep_alive",
-        "plan",
+        "outcomes",
+        "pool",
         "rechunk",
-        "request",
-        "reused",
-        "started",
-        "token",
+        "slow_path",
         "upconn",
     )
 
     def __init__(
         self,
-        forwarder: Forwarder,
-        conn: ClientConnection,
-        request: RequestHead,
-        plan: Plan,
+        ctx: RequestContext,
         upconn: UpstreamConnection,
-        token: str | None,
-        injected: bool,
-        started: float,
+        pool: UpstreamPool,
+        outcomes: Outcomes,
+        slow_path: SlowPath,
     ) -> None:
-        super().__init__(request.method == "HEAD")
-        self.forwarder = forwarder
-        self.conn = conn
-        self.request = request
-        self.plan = plan
+        super().__init__(ctx.head.method == "HEAD")
+        self.ctx = ctx
         self.upconn = upconn
-        self.token = token
-        self.injected = injected
-        self.started = started
-        self.reused = upconn.exchanges > 0
+        self.pool = pool
+        self.outcomes = outcomes
+        self.slow_path = slow_path
         self.handed_off = False
         self.head_sent = False
         self.keep_alive = False
         self.rechunk = False
         self._out: list[bytes] = []
         # If the client goes away before the answer, stop waiting on the upstream.
-        conn.on_resume_writing = self._client_resumed
+        ctx.conn.on_resume_writing = self._client_resumed
 
     def on_interim(self, head: ResponseHead) -> None:
-        if self.request.version == "1.1":
-            self.forwarder.write_interim(self.conn, head)
+        ctx = self.ctx
+        if ctx.head.version == _HTTP11:
+            write_interim(ctx.conn, head)
 
     def on_head(self, head: ResponseHead) -> None:
-        if head.status == 101:
-            # No upgrade was asked for on this path (RFC 9110 §15.2.2): not HTTP any more.
-            self.upconn.abort()
-            self.fail(UpstreamUnreachable("the upstream switched protocols unasked"))
+        ctx = self.ctx
+        how = on_response_head(ctx, head.status)
+        if how != RELAY:
+            if how == REPLAY_WITH_NEW_TOKEN:
+                self._hand_off(how)
+            else:
+                # A switch of protocols (upgrade requests never take this path): what
+                # follows on this connection is not HTTP any more.
+                self.upconn.abort()
+                self.fail(switched_unasked())
             return
-        route = self.plan.route
-        token = self.token
-        if head.status == 401 and self.injected and route is not None and token is not None:
-            route.provider.invalidate(token)
-            if route.provider.current() != token:
-                self._hand_off(after_401=True)
-                return
-        conn = self.conn
-        request = self.request
-        self.forwarder.record(conn, request, self.plan.label, head.status, self.started, head)
-        keep_alive = request.keep_alive and not conn.listener.draining
-        response_head, _, self.rechunk, self.keep_alive = frame_response(
-            request, head, keep_alive=keep_alive
-        )
+        self.outcomes.record(ctx, head.status, head)
+        response_head, _, self.rechunk, self.keep_alive = frame_for_client(ctx, head)
         self._out.append(response_head)
         self.head_sent = True
-        conn.on_resume_writing = self._client_resumed
+        ctx.conn.on_resume_writing = self._client_resumed
 
     def on_body(self, data: bytes) -> None:
         if self.handed_off:
             return
-        if self.conn.closed:
+        if self.ctx.conn.closed:
             self.upconn.abort()  # the client went away: stop the download
             return
         self._out.append(chunk(data) if self.rechunk else data)
@@ -118,7 +118,7 @@ class FastExchange(Exchange):
         out = self._out
         if not out:
             return
-        conn = self.conn
+        conn = self.ctx.conn
         conn.write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
         if conn.write_paused:
@@ -130,44 +130,38 @@ class FastExchange(Exchange):
         if self.rechunk:
             self._out.append(LAST_CHUNK)
         self.after_data()
-        conn = self.conn
+        conn = self.ctx.conn
         conn.on_resume_writing = None
-        self.forwarder.pool.release(self.upconn)
+        self.pool.release(self.upconn)
         conn.fast_done(self.keep_alive)
 
     def on_error(self, error: ProxyError) -> None:
         if self.handed_off:
             return
-        conn = self.conn
+        ctx = self.ctx
+        conn = ctx.conn
         conn.on_resume_writing = None
-        self.forwarder.pool.discard(self.upconn)
-        if conn.closed:
-            conn.fast_done(False)  # the client went away: nobody to answer or retry for
-        elif self.head_sent:
+        self.pool.discard(self.upconn)
+        how = on_failure(ctx, self, self.head_sent)
+        if how == ANSWER_ERROR:
+            conn.fast_done(self.outcomes.refuse(ctx, error))
+        elif how == CUT_SHORT:
             # Too late for an error answer: the client sees a cut-short response.
             conn.abort()
             conn.fast_done(False)
-        elif self.reused and not self.received_any:
-            # The idle keep-alive connection had been closed by the upstream before it
-            # read anything: send again on a fresh one (RFC 9110 §9.2.2, no body here).
-            self._hand_off(after_401=False)
+        elif how == CLIENT_GONE:
+            conn.fast_done(False)  # nobody to answer or retry for
         else:
-            conn.fast_done(
-                self.forwarder.refuse(
-                    conn, self.request, None, error, self.plan.label, started=self.started
-                )
-            )
+            self._hand_off(how)
 
-    def _hand_off(self, *, after_401: bool) -> None:
+    def _hand_off(self, how: int) -> None:
         self.handed_off = True
-        self.conn.on_resume_writing = None
-        self.forwarder.pool.discard(self.upconn)
-        self.forwarder.finish_slowly(
-            self.conn, self.request, self.plan, self.token, self.started, after_401=after_401
-        )
+        self.ctx.conn.on_resume_writing = None
+        self.pool.discard(self.upconn)
+        self.slow_path.finish_slowly(self.ctx, how)
 
     def _client_resumed(self) -> None:
-        if self.conn.closed:
+        if self.ctx.conn.closed:
             self.upconn.abort()
         else:
             self.upconn.resume_reading()

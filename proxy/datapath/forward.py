@@ -11,7 +11,8 @@ decides where a request goes. Then, for each request it
 
 Body-less requests with a token and an idle upstream connection at hand take the fast
 path (`proxy.datapath.fast_path`), entirely in protocol callbacks; everything else, and
-whatever leaves the fast path, runs here as a coroutine.
+whatever leaves the fast path, runs here as a coroutine. Both paths build the upstream
+head with the route's `Injector` and ask `proxy.datapath.decisions` what an answer means.
 
 Every error before the response head is sent becomes the contract's JSON answer via
 `ProxyError`; after that, the only honest signal left is closing the connection.
@@ -26,41 +27,60 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 
 from proxy.datapath.client_connection import ClientConnection, RequestBody
+from proxy.datapath.context import RequestContext
+from proxy.datapath.decisions import (
+    CLIENT_GONE,
+    CUT_SHORT,
+    IDEMPOTENT,
+    REPLAY_WITH_NEW_TOKEN,
+    RETRY_ON_FRESH_CONNECTION,
+    SWITCHED_UNASKED,
+    UPGRADE,
+    frame_for_client,
+    on_failure,
+    on_response_head,
+    switched_unasked,
+)
 from proxy.datapath.fast_path import FastExchange
+from proxy.datapath.injector import may_carry_credential
 from proxy.datapath.messages import (
     LAST_CHUNK,
     RequestHead,
     ResponseHead,
     chunk,
-    forward_headers,
-    frame_response,
     request_head_bytes,
     response_head_bytes,
 )
+from proxy.datapath.outcomes import Outcomes, write_interim
 from proxy.datapath.planning import Plan, Planner, Planners
 from proxy.datapath.runtime import RuntimeHolder
-from proxy.datapath.tunnel import TunnelHandler, splice
-from proxy.datapath.upstream_pool import AwaitedExchange, UpstreamConnection, UpstreamPool
-from proxy.errors import (
-    BadRequest,
-    ProxyError,
-    TokenUnavailable,
-    UpstreamUnreachable,
+from proxy.datapath.timeouts import (
+    PASSTHROUGH_CONNECT_TIMEOUT,
+    PASSTHROUGH_TIMEOUT,
+    REPLAY_BODY_WAIT,
 )
-from proxy.ops.logs import log_access
+from proxy.datapath.tunnel import TunnelHandler, splice
+from proxy.datapath.upstream_connection import AwaitedExchange, UpstreamConnection
+from proxy.datapath.upstream_pool import UpstreamPool
+from proxy.errors import BadRequest, ProxyError, TokenUnavailable
 from proxy.ops.metrics import UNMATCHED, Metrics
 
 log = logging.getLogger("token_proxy.forward")
 
 # Bodies up to this size are kept while sent, so a request can be replayed after a 401.
 REPLAY_LIMIT = 64 * 1024
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # CONNECT opens a tunnel; TRACE is sent without a token; neither fits the fast path.
 _NOT_FAST = frozenset({"CONNECT", "TRACE"})
+# The first attempt at a request (the others are `decisions` values).
+_FIRST_ATTEMPT = -1
 
 
-class _Retry(Exception):
-    """The exchange should be sent again (stale keep-alive connection, or a 401)."""
+class _SendAgain(Exception):
+    """The request is to be sent again, as `how` (a `decisions` value) says."""
+
+    def __init__(self, how: int) -> None:
+        super().__init__(how)
+        self.how = how
 
 
 class Forwarder:
@@ -73,15 +93,13 @@ class Forwarder:
         metrics: Metrics,
         tunnels: TunnelHandler,
     ) -> None:
-        self._holder = holder
         self._planners = Planners(holder)
         self.pool = pool
         self._metrics = metrics
         self._tunnels = tunnels
+        self._outcomes = Outcomes(holder, metrics)
         self._loop = asyncio.get_event_loop()
         self._background: set[asyncio.Task[None]] = set()
-        # Per upstream, the last token and the header field made of it.
-        self._credentials: dict[str, tuple[str, tuple[bytes, bytes]]] = {}
 
     # -- entry points: one ModeHandler per port ------------------------------
 
@@ -109,8 +127,10 @@ class Forwarder:
         try:
             plan = planner(head)
         except ProxyError as error:
-            return self.refuse(conn, head, body, error, error.upstream or UNMATCHED)
-        return await self._serve(conn, head, body, plan)
+            refused = RequestContext(conn, head, body, None, 0.0)
+            refused.label = error.upstream or UNMATCHED
+            return self._outcomes.refuse(refused, error)
+        return await self._serve(RequestContext(conn, head, body, plan, self._loop.time()))
 
     def try_fast(self, planner: Planner, conn: ClientConnection, head: RequestHead) -> bool:
         """Start `head` on the fast path if it qualifies; False leaves it to `handle`."""
@@ -129,116 +149,91 @@ class Forwarder:
         upconn = self.pool.take_idle(plan.origin)
         if upconn is None:
             return False
-        request_head, injected = self._request_head(head, plan, token)
         now = self._loop.time()
-        exchange = FastExchange(self, conn, head, plan, upconn, token, injected, now)
+        ctx = RequestContext(conn, head, None, plan, now)
+        ctx.token = token
+        request_head = self._request_head(ctx, plan)
+        exchange = FastExchange(ctx, upconn, self.pool, self._outcomes, self)
         upconn.begin(exchange, request_head, now)
         return True
 
-    def finish_slowly(
-        self,
-        conn: ClientConnection,
-        head: RequestHead,
-        plan: Plan,
-        token: str | None,
-        started: float,
-        *,
-        after_401: bool,
-    ) -> None:
-        """Carry a fast-path request on in the general path (after a 401, or a stale connection)."""
-        task = self._loop.create_task(
-            self._finish_slowly(conn, head, plan, token, started, after_401=after_401)
-        )
+    def finish_slowly(self, ctx: RequestContext, how: int) -> None:
+        """Carry a fast-path request on here: send it again as `how` says, and answer it."""
+        task = self._loop.create_task(self._finish_slowly(ctx, how))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _finish_slowly(
-        self,
-        conn: ClientConnection,
-        head: RequestHead,
-        plan: Plan,
-        token: str | None,
-        started: float,
-        *,
-        after_401: bool,
-    ) -> None:
+    async def _finish_slowly(self, ctx: RequestContext, how: int) -> None:
         try:
-            if after_401:
-                keep_alive = await self._replay_with_new_token(
-                    conn, head, None, plan, None, started
-                )
-            else:
-                try:
-                    keep_alive = await self._attempt(
-                        conn, head, None, plan, token, None, started, fresh=True
-                    )
-                except ProxyError as error:
-                    keep_alive = self.refuse(conn, head, None, error, plan.label, started=started)
+            keep_alive = await self._send(ctx, None, how)
         except Exception:
             log.exception("unexpected error finishing a request")
-            conn.abort()
+            ctx.conn.abort()
             keep_alive = False
-        conn.fast_done(keep_alive)
-
-    def write_interim(self, conn: ClientConnection, interim: ResponseHead) -> None:
-        _write_interim(conn, interim)
+        ctx.conn.fast_done(keep_alive)
 
     # -- the exchange --------------------------------------------------------------
 
-    async def _serve(
-        self, conn: ClientConnection, head: RequestHead, body: RequestBody | None, plan: Plan
-    ) -> bool:
-        started = self._loop.time()
+    async def _serve(self, ctx: RequestContext) -> bool:
+        plan = ctx.plan
+        assert plan is not None
         route = plan.route
-        token: str | None = None
-        try:
-            if route is not None and head.method != "TRACE":
-                # RFC 9110 §9.3.8: TRACE echoes the request, so it never carries a credential.
-                token = route.held_token.current()
-                if token is None:
+        if route is not None and may_carry_credential(ctx.head.method):
+            token = route.held_token.current()
+            if token is None:
+                try:
                     token = await route.provider.get()
-        except TokenUnavailable as error:
-            self._metrics.token_unavailable.labels(upstream=plan.label).inc()
-            return self.refuse(conn, head, body, error, plan.label, started=started)
-        kept = _KeptBody() if head.method in IDEMPOTENT else None
-        try:
-            try:
-                return await self._attempt(conn, head, body, plan, token, kept, started)
-            except _Retry:
-                # The idle keep-alive connection had been closed by the upstream before it
-                # read anything: sending again on a fresh one is safe (RFC 9110 §9.2.2).
-                return await self._attempt(conn, head, body, plan, token, kept, started, fresh=True)
-        except (ProxyError, _Retry) as error:
-            if isinstance(error, _Retry):
-                error = UpstreamUnreachable(
-                    "upstream closed the connection",
-                    upstream=plan.route.name if plan.route is not None else None,
-                )
-            return self.refuse(conn, head, body, error, plan.label, started=started)
+                except TokenUnavailable as error:
+                    self._metrics.token_unavailable.labels(upstream=ctx.label).inc()
+                    return self._outcomes.refuse(ctx, error)
+            ctx.token = token
+        kept = _KeptBody() if ctx.head.method in IDEMPOTENT else None
+        return await self._send(ctx, kept, _FIRST_ATTEMPT)
 
-    async def _attempt(
-        self,
-        conn: ClientConnection,
-        head: RequestHead,
-        body: RequestBody | None,
-        plan: Plan,
-        token: str | None,
-        kept: _KeptBody | None,
-        started: float,
-        *,
-        fresh: bool = False,
-        replay: bool = False,
-    ) -> bool:
-        route = plan.route
-        upconn, reused = await self._connection(plan, fresh=fresh)
+    async def _send(self, ctx: RequestContext, kept: _KeptBody | None, how: int) -> bool:
+        """Send the request, again for as long as the decisions say so, and answer it."""
+        try:
+            while True:
+                if how == REPLAY_WITH_NEW_TOKEN:
+                    await self._take_new_token(ctx)
+                ctx.fresh_connection = how == RETRY_ON_FRESH_CONNECTION
+                try:
+                    return await self._attempt(ctx, kept)
+                except _SendAgain as again:
+                    how = again.how
+        except ProxyError as error:
+            if isinstance(error, TokenUnavailable):
+                self._metrics.token_unavailable.labels(upstream=ctx.label).inc()
+            return self._outcomes.refuse(ctx, error)
+
+    async def _take_new_token(self, ctx: RequestContext) -> None:
+        """After a 401 to the request's token (dropped by then): wait for another."""
+        plan = ctx.plan
+        route = plan.route if plan is not None else None
+        assert route is not None
+        self._metrics.upstream_unauthorized_retries.labels(upstream=route.name).inc()
+        log.info(
+            "upstream answered 401; retrying once with a new token",
+            extra={"event": "unauthorized_retry", "upstream": route.name},
+        )
+        ctx.token = await route.provider.get()
+        ctx.replayed = True
+
+    async def _attempt(self, ctx: RequestContext, kept: _KeptBody | None) -> bool:
+        """Send the request once and relay the answer; `_SendAgain` to send it again."""
+        plan = ctx.plan
+        assert plan is not None
+        conn = ctx.conn
+        head = ctx.head
+        body = ctx.body
+        upconn = await self._connection(plan, fresh=ctx.fresh_connection)
         exchange = AwaitedExchange(self._loop, head.method == "HEAD")
         if head.version == "1.1":
-            exchange.interim_writer = partial(_write_interim, conn)
-        request_head, injected = self._request_head(head, plan, token)
-        upconn.begin(exchange, request_head, self._loop.time())
+            exchange.interim_writer = partial(write_interim, conn)
+        upconn.begin(exchange, self._request_head(ctx, plan), self._loop.time())
         body_task: asyncio.Task[None] | None = None
         if body is not None:
-            source = kept if replay else body
+            source = kept if ctx.replayed else body
             body_task = self._loop.create_task(self._send_body(upconn, head, source, kept))
             body_task.add_done_callback(partial(_abandon_on_body_error, exchange, upconn))
         try:
@@ -247,8 +242,11 @@ class Forwarder:
             if body_task is not None:
                 body_task.cancel()
             self.pool.discard(upconn)
-            if reused and not exchange.received_any and body is None and head.method in IDEMPOTENT:
-                raise _Retry() from None
+            how = on_failure(ctx, exchange, False)
+            if how == RETRY_ON_FRESH_CONNECTION:
+                raise _SendAgain(how) from None
+            if how == CLIENT_GONE:
+                return False
             raise
         except asyncio.CancelledError:
             # The client went away (its connection cancels the handler): free the upstream.
@@ -256,91 +254,46 @@ class Forwarder:
                 body_task.cancel()
             self.pool.discard(upconn)
             raise
-        if response.status == 101 and not head.upgrade:
-            # RFC 9110 §15.2.2: a server must not switch to a protocol the client did not
-            # ask for; what follows on this connection is not HTTP any more.
+        how = on_response_head(ctx, response.status)
+        if how == REPLAY_WITH_NEW_TOKEN and await _sent_whole(body_task, kept):
             if body_task is not None:
                 body_task.cancel()
             self.pool.discard(upconn)
-            raise UpstreamUnreachable("the upstream switched protocols unasked")
-        if response.status == 401 and injected and route is not None and token is not None:
-            # The upstream refused the token we sent: drop it (the provider does this once
-            # per token however many requests see the 401) and fetch another.
-            if not replay:
-                route.provider.invalidate(token)
-            # The provider keeps a token it was told about moments ago (an upstream that
-            # refuses every token must not turn requests into token fetches): no replay then.
-            replayable = (
-                not replay
-                and kept is not None
-                and route.provider.current() != token
-                and await _sent_whole(body_task, kept)
-            )
-        else:
-            replayable = False
-        if replayable:
+            raise _SendAgain(how)
+        if how == SWITCHED_UNASKED:
+            # What follows on this connection is not HTTP any more.
             if body_task is not None:
                 body_task.cancel()
             self.pool.discard(upconn)
-            return await self._replay_with_new_token(conn, head, body, plan, kept, started)
-        self.record(conn, head, plan.label, response.status, started, response)
-        if response.status == 101 and head.upgrade:
+            raise switched_unasked()
+        self._outcomes.record(ctx, response.status, response)
+        if how == UPGRADE:
             return self._upgrade(conn, upconn, exchange, response, body_task)
-        return await self._relay(conn, head, body, upconn, exchange, response, body_task)
+        return await self._relay(ctx, upconn, exchange, response, body_task)
 
-    async def _replay_with_new_token(
-        self,
-        conn: ClientConnection,
-        head: RequestHead,
-        body: RequestBody | None,
-        plan: Plan,
-        kept: _KeptBody | None,
-        started: float,
-    ) -> bool:
-        """Send the request again with a new token, after a 401 to the old one."""
-        route = plan.route
-        assert route is not None
-        self._metrics.upstream_unauthorized_retries.labels(upstream=route.name).inc()
-        log.info(
-            "upstream answered 401; retrying once with a new token",
-            extra={"event": "unauthorized_retry", "upstream": route.name},
-        )
-        try:
-            token = await route.provider.get()
-        except TokenUnavailable as error:
-            self._metrics.token_unavailable.labels(upstream=route.name).inc()
-            return self.refuse(conn, head, body, error, plan.label, started=started)
-        return await self._attempt(conn, head, body, plan, token, kept, started, replay=True)
-
-    async def _connection(self, plan: Plan, *, fresh: bool) -> tuple[UpstreamConnection, bool]:
+    async def _connection(self, plan: Plan, *, fresh: bool) -> UpstreamConnection:
         conn = None if fresh else self.pool.take_idle(plan.origin)
         if conn is not None:
-            return conn, True
+            return conn
         if plan.route is not None:
             config = plan.route.config
             connect_timeout, timeout = config.connect_timeout, config.timeout
         else:
-            connect_timeout, timeout = 5.0, 60.0
-        conn = await self.pool.connect(
+            connect_timeout, timeout = PASSTHROUGH_CONNECT_TIMEOUT, PASSTHROUGH_TIMEOUT
+        return await self.pool.connect(
             plan.origin, connect_timeout=connect_timeout, read_timeout=timeout
         )
-        return conn, False
 
-    def _request_head(self, head: RequestHead, plan: Plan, token: str | None) -> tuple[bytes, bool]:
-        """The head to send upstream, and whether our token is in it."""
+    def _request_head(self, ctx: RequestContext, plan: Plan) -> bytes:
+        """The head to send upstream; sets `ctx.injected` (whether our token is in it)."""
+        head = ctx.head
         route = plan.route
-        credential = None
-        overwrite = True
+        token = ctx.token
         if token is not None and route is not None:
-            cached = self._credentials.get(route.name)
-            if cached is None or cached[0] != token:
-                cached = (token, (route.header_name, b"Bearer " + token.encode("ascii")))
-                self._credentials[route.name] = cached
-            credential = cached[1]
-            overwrite = route.config.overwrite
-        headers, injected = forward_headers(
-            head.headers, credential=credential, overwrite=overwrite
-        )
+            headers, injected = route.injector.inject(head.headers, token)
+        else:
+            headers, injected = list(head.headers), False
+        ctx.injected = injected
         if head.upgrade:
             if head.upgrade_to is not None:
                 headers.append((b"Upgrade", head.upgrade_to))
@@ -351,7 +304,7 @@ class Forwarder:
             framing = b"Content-Length: %d\r\n" % head.content_length
         else:
             framing = b""
-        return request_head_bytes(head.method, plan.path, plan.host, headers, framing), injected
+        return request_head_bytes(head.method, plan.path, plan.host, headers, framing)
 
     async def _send_body(
         self,
@@ -376,20 +329,14 @@ class Forwarder:
 
     async def _relay(
         self,
-        conn: ClientConnection,
-        head: RequestHead,
-        body: RequestBody | None,
+        ctx: RequestContext,
         upconn: UpstreamConnection,
         exchange: AwaitedExchange,
         response: ResponseHead,
         body_task: asyncio.Task[None] | None,
     ) -> bool:
-        # After an early answer (the upstream did not read the whole request body), what
-        # is left of that body cannot be told apart from a next request: close.
-        keep_alive = head.keep_alive and not conn.listener.draining and (body is None or body.done)
-        response_head, has_body, rechunk, keep_alive = frame_response(
-            head, response, keep_alive=keep_alive
-        )
+        conn = ctx.conn
+        response_head, has_body, rechunk, keep_alive = frame_for_client(ctx, response)
         if not has_body:
             conn.write(response_head)
         else:
@@ -401,11 +348,12 @@ class Forwarder:
             try:
                 await self._stream_response(conn, upconn, exchange, rechunk)
             except (ProxyError, ConnectionError):
-                # Too late for an error response: the client sees a cut-short body.
                 if body_task is not None:
                     body_task.cancel()
                 self.pool.discard(upconn)
-                conn.abort()
+                if on_failure(ctx, exchange, True) == CUT_SHORT:
+                    # Too late for an error response: the client sees a cut-short body.
+                    conn.abort()
                 return False
             except asyncio.CancelledError:
                 # The client went away mid-response: stop reading the upstream at once.
@@ -472,62 +420,6 @@ class Forwarder:
         )
         return False
 
-    def record(
-        self,
-        conn: ClientConnection,
-        head: RequestHead,
-        label: str,
-        status: int,
-        started: float | None,
-        response: ResponseHead | None,
-    ) -> None:
-        """Count the answer in the metrics, and log it when the access log is on."""
-        elapsed = self._loop.time() - started if started is not None else 0.0
-        self._metrics.observe_request(label, status, elapsed)
-        if self._holder.current.access_log:
-            log_access(
-                upstream=label,
-                method=head.method,
-                host=_host_of(head),
-                path=head.target.decode("latin-1"),
-                status=status,
-                duration_s=elapsed,
-                bytes_out=(response.content_length or 0) if response is not None else 0,
-                client=conn.peer,
-            )
-
-    # -- answers of our own ------------------------------------------------------
-
-    def refuse(
-        self,
-        conn: ClientConnection,
-        head: RequestHead,
-        body: RequestBody | None,
-        error: ProxyError,
-        label: str,
-        *,
-        started: float | None = None,
-    ) -> bool:
-        """Answer `error` ourselves. The connection stays open only if the body was consumed."""
-        keep_alive = head.keep_alive and (body is None or body.done) and not head.upgrade
-        keep_alive = keep_alive and not conn.listener.draining and error.status not in (400, 413)
-        if error.upstream is None and label != UNMATCHED:
-            error.upstream = label
-        conn.send_error(error, keep_alive=keep_alive, head_only=head.method == "HEAD")
-        self.record(conn, head, label, error.status, started, None)
-        if error.status >= 500:
-            log.warning(
-                "request failed",
-                extra={
-                    "event": "request_error",
-                    "upstream": label,
-                    "error": error.code,
-                    "status": error.status,
-                    "detail": error.detail,
-                },
-            )
-        return keep_alive
-
 
 class ModeHandler:
     """The `RequestHandler` of one port: how its requests are planned, on either path."""
@@ -552,15 +444,6 @@ class ModeHandler:
 
     def fast(self, conn: ClientConnection, head: RequestHead) -> bool:
         return self._forwarder.try_fast(self._planner, conn, head)
-
-
-def _write_interim(conn: ClientConnection, interim: ResponseHead) -> None:
-    """Relay a 1xx response (100 Continue, 103 Early Hints) to an HTTP/1.1 client."""
-    conn.write(response_head_bytes(interim.status, interim.reason, interim.fields, b""))
-
-
-def _host_of(head: RequestHead) -> str:
-    return head.hosts[0].decode("latin-1") if head.hosts else "-"
 
 
 class _KeptBody:
@@ -605,14 +488,17 @@ def _abandon_on_body_error(
         exchange.fail(error)
 
 
-async def _sent_whole(body_task: asyncio.Task[None] | None, kept: _KeptBody) -> bool:
-    """Whether the request body was sent whole and kept, so that it can be replayed."""
+async def _sent_whole(body_task: asyncio.Task[None] | None, kept: _KeptBody | None) -> bool:
+    """Whether the request body was sent whole and kept (or there is none), so that the
+    request can be replayed."""
     if body_task is None:
         return True
+    if kept is None:
+        return False
     if not body_task.done():
         # The 401 came before the body was sent; a small body still arrives quickly.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(body_task), timeout=1.0)
+            await asyncio.wait_for(asyncio.shield(body_task), timeout=REPLAY_BODY_WAIT)
     if not body_task.done() or body_task.cancelled() or body_task.exception() is not None:
         return False
     return not kept.overflow

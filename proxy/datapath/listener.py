@@ -17,12 +17,11 @@ from typing import Any, cast
 
 from proxy.config import Address, LimitsConfig
 from proxy.datapath.client_connection import ClientConnection, RequestHandler
+from proxy.datapath.timeouts import CLIENT_SWEEP_INTERVAL, DRAIN_POLL_INTERVAL
 from proxy.errors import RequestTimeout
 from proxy.ops.metrics import Metrics
 
 log = logging.getLogger("token_proxy.listener")
-
-SWEEP_INTERVAL = 1.0
 
 
 class Listener:
@@ -96,7 +95,7 @@ class Listener:
     async def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
+            await asyncio.sleep(CLIENT_SWEEP_INTERVAL)
             now = loop.time()
             stalled_before = now - self.limits.idle_timeout
             for conn in list(self.connections):
@@ -141,7 +140,7 @@ class Listener:
         while self.connections:
             self.close_idle()
             try:
-                await asyncio.wait_for(self._all_closed.wait(), timeout=0.1)
+                await asyncio.wait_for(self._all_closed.wait(), timeout=DRAIN_POLL_INTERVAL)
             except TimeoutError:
                 continue
 

@@ -1,4 +1,4 @@
-"""HTTP/1.1 message heads: sorting fields, token injection, serialisation.
+"""HTTP/1.1 message heads: sorting fields, serialisation.
 
 What the proxy forwards is what it received, in the same order and case, minus what
 RFC 9110 §7.6.1 says a proxy must not forward. The hop-by-hop and framing fields, which
@@ -14,8 +14,9 @@ and the rest is forwarded verbatim.
 
 from __future__ import annotations
 
-from http import HTTPStatus
 from typing import Final
+
+from proxy.errors import REASON_PHRASES
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -69,7 +70,7 @@ _ZERO: Final = 48  # ord("0")
 _MAX_DIGITS: Final = 18  # any such number fits a native (63-bit) int
 
 # For a status line that came without a reason phrase.
-_STATUS_REASONS: Final = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+_STATUS_REASONS: Final = {code: phrase.encode("ascii") for code, phrase in REASON_PHRASES.items()}
 
 
 # The heads are plain classes rather than dataclasses: one is built per message, and a
@@ -293,33 +294,6 @@ def _decimal(value: bytes) -> int:
             return int(value)
         number = number * 10 + digit
     return number
-
-
-def forward_headers(
-    headers: Headers, *, credential: tuple[bytes, bytes] | None, overwrite: bool
-) -> tuple[Headers, bool]:
-    """End-to-end request fields to send upstream, with `credential` (name, value) set once.
-
-    With `overwrite`, fields of the credential's name the client sent are dropped (never
-    duplicated or comma-joined); without it, a client's own field wins and nothing is
-    added. Returns a new list, and whether the credential is in it.
-    """
-    if credential is None:
-        return list(headers), False
-    credential_name = credential[0].lower()
-    length = len(credential_name)
-    kept: Headers = []
-    clients_own = False
-    for name, value in headers:
-        if len(name) == length and name.lower() == credential_name:
-            clients_own = True
-            if overwrite:
-                continue
-        kept.append((name, value))
-    if clients_own and not overwrite:
-        return kept, False
-    kept.append(credential)
-    return kept, True
 
 
 def request_head_bytes(

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from proxy.datapath.messages import RequestHead
 from proxy.datapath.routing import DEFAULT_PORTS, Target, parse_absolute_target, split_authority
 from proxy.datapath.runtime import Route, RuntimeHolder
-from proxy.datapath.upstream_pool import Origin
+from proxy.datapath.upstream_connection import Origin
 from proxy.errors import BadRequest, HostNotAllowed, ProxyError
 from proxy.hosts import is_loopback_host
 from proxy.ops.metrics import UNMATCHED

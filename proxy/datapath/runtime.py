@@ -2,7 +2,7 @@
 
 A `Runtime` is everything derived from a `ProxyConfig` that the request path needs,
 computed at start-up (or reload) so the hot path only looks things up: the router,
-and per upstream a `Route` with its token provider and the token it holds, header name,
+and per upstream a `Route` with its token provider, the token it holds, its `Injector`,
 target origin and Host value. `RuntimeHolder.current` is swapped in one assignment on
 reload, so a request sees either the old or the new configuration, never a mix.
 """
@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from proxy.config import ProxyConfig, UpstreamConfig
+from proxy.datapath.injector import Injector
 from proxy.datapath.routing import Router
-from proxy.datapath.upstream_pool import Origin
+from proxy.datapath.upstream_connection import Origin
 from proxy.tls.client_context import client_ssl_context
 from proxy.tokens import TokenProvider
 from proxy.tokens.held_token import HeldToken
@@ -26,8 +27,10 @@ class Route:
     name: str  # config.name, read for every request (a native attribute when compiled)
     config: UpstreamConfig
     provider: TokenProvider
-    held_token: HeldToken  # provider.held: what the request path asks for a token
-    header_name: bytes
+    # provider.held: the one way the request path reads a token (never waits); only
+    # when it holds none does a request wait on provider.get().
+    held_token: HeldToken
+    injector: Injector  # header, scheme and overwrite: how the token goes in
     # Set when the upstream has a `url`: every matched request goes there.
     origin: Origin | None
     host_header: bytes | None
@@ -46,7 +49,7 @@ def build_route(upstream: UpstreamConfig, provider: TokenProvider) -> Route:
         config=upstream,
         provider=provider,
         held_token=provider.held,
-        header_name=upstream.header.encode("ascii"),
+        injector=Injector(upstream.header, upstream.overwrite),
         origin=origin,
         host_header=host_header,
     )

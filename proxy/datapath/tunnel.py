@@ -28,6 +28,7 @@ from proxy.datapath.client_connection import ClientConnection, RequestHandler
 from proxy.datapath.messages import RequestHead
 from proxy.datapath.routing import split_authority
 from proxy.datapath.runtime import RuntimeHolder
+from proxy.datapath.timeouts import TUNNEL_CONNECT_TIMEOUT
 from proxy.errors import (
     BadRequest,
     HostNotAllowed,
@@ -39,8 +40,6 @@ from proxy.ops.metrics import UNMATCHED, Metrics
 from proxy.ops.throttled_log import ThrottledLog
 
 log = logging.getLogger("token_proxy.tunnel")
-
-CONNECT_TIMEOUT = 10.0
 
 CONNECTION_ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 
@@ -371,7 +370,7 @@ class _Holding(asyncio.Protocol):
 async def _open(host: str, port: int) -> asyncio.Transport:
     loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(CONNECT_TIMEOUT):
+        async with asyncio.timeout(TUNNEL_CONNECT_TIMEOUT):
             transport, _ = await loop.create_connection(_Holding, host, port)
     except TimeoutError:
         raise UpstreamTimeout(f"connecting to {host}:{port} timed out") from None

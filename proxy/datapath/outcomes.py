@@ -1,0 +1,78 @@
+"""How every request is accounted for, and the answers the proxy gives itself.
+
+`Outcomes.record` counts a request's answer in the metrics and writes its access-log
+line; `Outcomes.refuse` answers a `ProxyError` with the contract's JSON body (see
+`proxy.errors`) and records that. Both request paths end here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from proxy.datapath.client_connection import ClientConnection
+from proxy.datapath.context import RequestContext
+from proxy.datapath.messages import ResponseHead, response_head_bytes
+from proxy.datapath.runtime import RuntimeHolder
+from proxy.errors import ProxyError
+from proxy.ops.logs import log_access
+from proxy.ops.metrics import UNMATCHED, Metrics
+
+log = logging.getLogger("token_proxy.forward")
+
+
+class Outcomes:
+    """Records answers (metrics, access log) and writes the proxy's own error answers."""
+
+    def __init__(self, holder: RuntimeHolder, metrics: Metrics) -> None:
+        self._holder = holder
+        self._metrics = metrics
+        self._loop = asyncio.get_event_loop()
+
+    def record(self, ctx: RequestContext, status: int, response: ResponseHead | None) -> None:
+        """Count the answer in the metrics, and log it when the access log is on."""
+        started = ctx.started
+        elapsed = self._loop.time() - started if started else 0.0
+        self._metrics.observe_request(ctx.label, status, elapsed)
+        if self._holder.current.access_log:
+            head = ctx.head
+            log_access(
+                upstream=ctx.label,
+                method=head.method,
+                host=head.hosts[0].decode("latin-1") if head.hosts else "-",
+                path=head.target.decode("latin-1"),
+                status=status,
+                duration_s=elapsed,
+                bytes_out=(response.content_length or 0) if response is not None else 0,
+                client=ctx.conn.peer,
+            )
+
+    def refuse(self, ctx: RequestContext, error: ProxyError) -> bool:
+        """Answer `error` ourselves. The connection stays open only if the body was consumed."""
+        head = ctx.head
+        body = ctx.body
+        conn = ctx.conn
+        label = ctx.label
+        keep_alive = head.keep_alive and (body is None or body.done) and not head.upgrade
+        keep_alive = keep_alive and not conn.listener.draining and error.status not in (400, 413)
+        if error.upstream is None and label != UNMATCHED:
+            error.upstream = label
+        conn.send_error(error, keep_alive=keep_alive, head_only=head.method == "HEAD")
+        self.record(ctx, error.status, None)
+        if error.status >= 500:
+            log.warning(
+                "request failed",
+                extra={
+                    "event": "request_error",
+                    "upstream": label,
+                    "error": error.code,
+                    "status": error.status,
+                    "detail": error.detail,
+                },
+            )
+        return keep_alive
+
+
+def write_interim(conn: ClientConnection, interim: ResponseHead) -> None:
+    """Relay a 1xx response (100 Continue, 103 Early Hints) to an HTTP/1.1 client."""
+    conn.write(response_head_bytes(interim.status, interim.reason, interim.fields, b""))
