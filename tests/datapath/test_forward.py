@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import json
 import shutil
@@ -428,3 +429,35 @@ async def test_a_client_that_closes_mid_body_frees_the_upstream_at_once(
     writer.close()
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert b"before the request body ended" in answer
+
+
+async def test_a_reload_that_changes_only_how_the_token_is_written_takes_at_once(
+    inventory_proxy: ProxyApp, upstream: Upstream, token_server: TokenServer
+) -> None:
+    # The token stays (its config did not change), but the header and overwrite do:
+    # the very next request, on a kept-alive connection (the fast path) or a new one
+    # with a body (the coroutine path), carries it the new way.
+    async with aiohttp.ClientSession() as session:
+        async with session.get("http://inventory.internal/a", proxy=proxy_url(inventory_proxy)):
+            pass
+        token = f"Bearer {token_server.issued[-1]}"
+        assert upstream.last().header("Authorization") == token
+        (config,) = inventory_proxy.config.upstreams
+        changed = dataclasses.replace(config, header="X-Api-Token", overwrite=False)
+        await inventory_proxy.reload(
+            dataclasses.replace(inventory_proxy.config, upstreams=(changed,))
+        )
+        async with session.get("http://inventory.internal/b", proxy=proxy_url(inventory_proxy)):
+            pass
+        seen = upstream.last()
+        assert (seen.header("X-Api-Token"), seen.header("Authorization")) == (token, None)
+        async with session.post(
+            "http://inventory.internal/c",
+            data=b"body",
+            headers={"X-Api-Token": "the application's own"},
+            proxy=proxy_url(inventory_proxy),
+        ):
+            pass
+        # overwrite: false now: the application's own field is kept, no token added.
+        assert upstream.last().all("X-Api-Token") == ["the application's own"]
+    assert len(token_server.issued) == 1  # the token itself was kept across the reload
