@@ -88,27 +88,26 @@ def show(value: object, limit: int = 80) -> str:
     return "'" + "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) + "'"
 
 
+# What YAML can produce, as an error message names it; bool before int (a subclass).
+_TYPE_NAMES: tuple[tuple[type, str], ...] = (
+    (type(None), "null"),
+    (bool, "a boolean"),
+    (int, "an integer"),
+    (float, "a number"),
+    (str, "a string"),
+    (list, "a list"),
+    (dict, "a mapping"),
+    (datetime.date, "a date"),
+    (bytes, "binary data"),
+    (set, "a set"),
+)
+
+
 def type_name(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, datetime.date):
-        return "a date"
-    if isinstance(value, bytes):
-        return "binary data"
-    if isinstance(value, set):
-        return "a set"
+    """How an error message names the type of a YAML value (`a string`, `null`, ...)."""
+    for kind, name in _TYPE_NAMES:
+        if isinstance(value, kind):
+            return name
     return type(value).__name__
 
 
