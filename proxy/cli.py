@@ -135,7 +135,11 @@ def _describe_upstream(upstream: UpstreamConfig) -> list[tuple[str, object]]:
         rows.append(("token_url", token.token_url))
     else:
         rows.append(("issuer", token.issuer))
-    rows += [("client_id", token.client_id), ("auth_method", token.auth_method)]
+    rows += [
+        ("grant", token.grant),
+        ("client_id", token.client_id or "(none)"),
+        ("auth_method", token.auth_method),
+    ]
     # Where the credential lives, never what it is.
     if token.client_secret is not None:
         rows.append(("client_secret", "(set)"))
@@ -144,9 +148,17 @@ def _describe_upstream(upstream: UpstreamConfig) -> list[tuple[str, object]]:
         ("private_key_file", token.private_key_file),
         ("client_assertion_file", token.client_assertion_file),
         ("client_cert_file", token.tls.client_cert_file),
+        ("subject_token_file", token.subject_token_file),
+        ("actor_token_file", token.actor_token_file),
+        ("assertion_file", token.assertion_file),
     ):
         if path is not None:
             rows.append((key, path))
+    if token.grant == "token_exchange":
+        rows.append(("subject_token_type", token.subject_token_type))
+        if token.actor_token_type is not None:
+            rows.append(("actor_token_type", token.actor_token_type))
+        rows.append(("requested_token_type", token.requested_token_type or "(the server's choice)"))
     rows.append(("scope", " ".join(token.scope) or "(none)"))
     if token.audience is not None:
         rows.append(("audience", token.audience))
@@ -167,7 +179,7 @@ def _yes_no(flag: bool) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Sidecar proxy that adds OAuth 2.0 client-credentials tokens "
+        description="Sidecar proxy that adds OAuth 2.0 access tokens "
         "to a service's outbound requests.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")

@@ -7,11 +7,13 @@ bad config is exactly one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from proxy import __version__
 from proxy.cli import main, summary
@@ -91,6 +93,7 @@ def test_check_prints_a_summary_without_secrets(good_config: Path) -> None:
         "  url: https://inventory.internal",
         "  listen: 127.0.0.1:18081",
         "  token_url: https://auth.example.com/oauth/token",
+        "  grant: client_credentials",
         "  client_id: order-service",
         "  auth_method: client_secret_basic",
         f"  client_secret_file: {secret_file}",
@@ -104,6 +107,7 @@ def test_check_prints_a_summary_without_secrets(good_config: Path) -> None:
         "  url: (the requested host)",
         "  listen: (none)",
         "  issuer: https://auth.example.com/realms/billing",
+        "  grant: client_credentials",
         "  client_id: billing-client",
         "  auth_method: client_secret_post",
         "  client_secret: (set)",
@@ -367,3 +371,250 @@ def test_a_short_cache_key_is_one_line_and_exit_2(good_config: Path) -> None:
         "than 32 bytes (make one with: openssl rand -base64 32)"
     ]
     assert "too-short" not in result.stderr
+
+
+# -- grants beyond client credentials -------------------------------------------------------
+
+SUBJECT_TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQifQ.c2lnbmVk"
+GRANT_CONFIG = """\
+upstreams:
+  cloud:
+    match: {{hosts: [storage.example.com]}}
+    token:
+      grant: token_exchange
+      token_url: https://sts.example.com/v1/token
+      subject_token_file: {directory}/sts-token
+      audience: //iam.example.com/pools/k8s/providers/cluster-1
+      scope: cloud-platform
+  delegated:
+    match: {{hosts: [orders.example.com]}}
+    token:
+      grant: token_exchange
+      token_url: https://auth.example.com/token
+      client_id: order-service
+      client_secret_file: {directory}/client-secret
+      subject_token_file: {directory}/sts-token
+      subject_token_type: urn:ietf:params:oauth:token-type:access_token
+      actor_token_file: {directory}/actor-token
+      actor_token_type: urn:ietf:params:oauth:token-type:jwt
+      requested_token_type: urn:ietf:params:oauth:token-type:jwt
+  partner:
+    match: {{hosts: [partner.example.com]}}
+    token:
+      grant: jwt_bearer
+      token_url: https://partner.example.com/token
+      client_id: order-service
+      assertion_file: {directory}/assertion
+  signed:
+    match: {{hosts: [signed.example.com]}}
+    token:
+      grant: jwt_bearer
+      token_url: https://signed.example.com/token
+      client_id: order-service
+      private_key_file: {directory}/key.pem
+      key_id: k1
+"""
+
+
+@pytest.fixture
+def grant_config(tmp_path: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    for name, content in (
+        ("sts-token", SUBJECT_TOKEN + "\n"),
+        ("actor-token", SUBJECT_TOKEN + "-actor\n"),
+        ("assertion", SUBJECT_TOKEN + "-assertion\n"),
+        ("client-secret", SECRET + "\n"),
+    ):
+        (tmp_path / name).write_text(content)
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path = tmp_path / "grants.yaml"
+    path.write_text(GRANT_CONFIG.format(directory=tmp_path))
+    return path
+
+
+def _upstream_rows(stdout: str, name: str) -> dict[str, str]:
+    lines = stdout.splitlines()
+    start = lines.index(f"upstream {name}:") + 1
+    rows = {}
+    for line in lines[start:]:
+        if not line.startswith("  "):
+            break
+        key, _, value = line.strip().partition(": ")
+        rows[key] = value
+    return rows
+
+
+def test_check_shows_each_grant_and_never_its_tokens(grant_config: Path) -> None:
+    result = run_cli("check", "--config", str(grant_config))
+    assert (result.returncode, result.stderr) == (0, "")
+    directory = grant_config.parent
+    cloud = _upstream_rows(result.stdout, "cloud")
+    assert (cloud["grant"], cloud["client_id"], cloud["auth_method"]) == (
+        "token_exchange",
+        "(none)",
+        "none",
+    )
+    assert cloud["subject_token_file"] == f"{directory}/sts-token"
+    assert cloud["subject_token_type"] == "urn:ietf:params:oauth:token-type:jwt"
+    assert cloud["requested_token_type"] == "(the server's choice)"
+    delegated = _upstream_rows(result.stdout, "delegated")
+    assert delegated["auth_method"] == "client_secret_basic"
+    assert delegated["actor_token_file"] == f"{directory}/actor-token"
+    assert delegated["actor_token_type"] == "urn:ietf:params:oauth:token-type:jwt"
+    assert delegated["requested_token_type"] == "urn:ietf:params:oauth:token-type:jwt"
+    partner = _upstream_rows(result.stdout, "partner")
+    assert (partner["grant"], partner["auth_method"]) == ("jwt_bearer", "none")
+    assert partner["assertion_file"] == f"{directory}/assertion"
+    signed = _upstream_rows(result.stdout, "signed")
+    assert (signed["grant"], signed["private_key_file"]) == ("jwt_bearer", f"{directory}/key.pem")
+    assert SUBJECT_TOKEN not in result.stdout
+    assert SECRET not in result.stdout
+
+
+GRANT_MISTAKES = [
+    (
+        "cloud",
+        "      subject_token_file: {directory}/sts-token\n",
+        "",
+        "subject_token_file",
+        "missing (grant token_exchange needs it)",
+    ),
+    (
+        "cloud",
+        "      grant: token_exchange\n      token_url: https://sts.example.com/v1/token\n",
+        "      grant: token_exchange\n      token_url: https://sts.example.com/v1/token\n"
+        "      actor_token_file: {directory}/actor-token\n",
+        "actor_token_type",
+        "missing (set both actor_token_file and it, or neither)",
+    ),
+    (
+        "cloud",
+        "      scope: cloud-platform\n",
+        "      scope: cloud-platform\n"
+        "      requested_token_type: urn:ietf:params:oauth:token-type:refresh_token\n",
+        "requested_token_type",
+        "'urn:ietf:params:oauth:token-type:refresh_token' cannot be sent as a bearer token: "
+        "request urn:ietf:params:oauth:token-type:access_token or "
+        "urn:ietf:params:oauth:token-type:jwt",
+    ),
+    (
+        "cloud",
+        "      grant: token_exchange\n      token_url: https://sts.example.com/v1/token\n",
+        "      grant: token-exchange\n      token_url: https://sts.example.com/v1/token\n",
+        "grant",
+        "'token-exchange': must be one of client_credentials, token_exchange, jwt_bearer "
+        "(did you mean token_exchange?)",
+    ),
+    (
+        "partner",
+        "      assertion_file: {directory}/assertion\n",
+        "",
+        "assertion_file",
+        "missing (grant jwt_bearer needs assertion_file or private_key_file)",
+    ),
+    (
+        "partner",
+        "      assertion_file: {directory}/assertion\n",
+        "      assertion_file: {directory}/assertion\n"
+        "      subject_token_file: {directory}/sts-token\n",
+        "subject_token_file",
+        "not used with grant jwt_bearer",
+    ),
+    (
+        "signed",
+        "      key_id: k1\n",
+        "      key_id: k1\n      auth_method: private_key_jwt\n",
+        "auth_method",
+        "private_key_jwt is not used with grant jwt_bearer: private_key_file signs the "
+        "grant's assertion; authenticate the client with a secret, a certificate or none",
+    ),
+    (
+        "partner",
+        "      grant: jwt_bearer\n",
+        "      auth_method: none\n",  # the grant forgotten: client credentials
+        "assertion_file",
+        "not used with grant client_credentials",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("upstream", "old", "new", "key", "problem"),
+    GRANT_MISTAKES,
+    ids=[f"{mistake[0]}-{mistake[3]}-{index}" for index, mistake in enumerate(GRANT_MISTAKES)],
+)
+def test_each_grant_mistake_is_one_line_and_exit_2(
+    grant_config: Path, upstream: str, old: str, new: str, key: str, problem: str
+) -> None:
+    directory = grant_config.parent
+    text = grant_config.read_text()
+    section = f"  {upstream}:\n"
+    head, _, rest = text.partition(section)
+    old, new = old.format(directory=directory), new.format(directory=directory)
+    assert old in rest
+    grant_config.write_text(head + section + rest.replace(old, new, 1))
+    result = run_cli("check", "--config", str(grant_config))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"token-proxy: {grant_config}: upstreams.{upstream}.token.{key}: {problem}"
+    ]
+    assert result.stdout == ""
+    assert SUBJECT_TOKEN not in result.stderr
+
+
+def _stub_paths(text: str, root: Path) -> str:
+    """`text` with its absolute /var/run and /shared paths moved under `root`, the files
+    made (a token in each) and the directories created, as a pod would have them."""
+    for found in sorted(set(re.findall(r"(?<![\w/])/(?:var/run|shared)/[\w./-]+", text))):
+        target = root / found.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not found.startswith("/shared/"):
+            target.write_text(SUBJECT_TOKEN + "\n")
+        text = text.replace(found, str(target))
+    return text
+
+
+def test_the_readmes_federation_example_passes_check(tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    _, marker, rest = readme.partition("<!-- federation-example -->\n```yaml\n")
+    assert marker, "README.md lost its federation example"
+    example = rest.partition("```")[0]
+    assert "grant: token_exchange" in example
+    path = tmp_path / "federation.yaml"
+    path.write_text(_stub_paths(example, tmp_path))
+    result = run_cli("check", "--config", str(path))
+    assert (result.returncode, result.stderr) == (0, "")
+    rows = _upstream_rows(result.stdout, "storage")
+    assert (rows["grant"], rows["auth_method"], rows["client_id"]) == (
+        "token_exchange",
+        "none",
+        "(none)",
+    )
+    assert rows["audience"] == "//iam.example.com/pools/k8s/providers/cluster-1"
+
+
+def test_the_workload_identity_overlays_config_passes_check(tmp_path: Path) -> None:
+    kustomization = yaml.safe_load(
+        (REPO / "deploy/overlays/workload-identity/kustomization.yaml").read_text()
+    )
+    [config_patch] = [
+        patch for patch in kustomization["patches"] if patch["target"]["kind"] == "ConfigMap"
+    ]
+    [operation] = yaml.safe_load(config_patch["patch"])
+    assert operation["path"] == "/data/config.yaml"
+    path = tmp_path / "config.yaml"
+    path.write_text(_stub_paths(operation["value"], tmp_path))
+    result = run_cli("check", "--config", str(path))
+    assert (result.returncode, result.stderr) == (0, "")
+    rows = _upstream_rows(result.stdout, "storage")
+    assert (rows["grant"], rows["auth_method"]) == ("token_exchange", "none")
+    assert rows["subject_token_file"] == str(tmp_path / "var/run/secrets/tokens/sts/token")

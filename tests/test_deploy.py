@@ -37,7 +37,8 @@ DEPLOY = REPO / "deploy"
 BASE = DEPLOY / "base"
 OVERLAY = DEPLOY / "overlays" / "example"
 FLEET_CACHE_OVERLAY = DEPLOY / "overlays" / "fleet-cache"
-KUSTOMIZATIONS = [BASE, OVERLAY, FLEET_CACHE_OVERLAY]
+WORKLOAD_IDENTITY_OVERLAY = DEPLOY / "overlays" / "workload-identity"
+KUSTOMIZATIONS = [BASE, OVERLAY, FLEET_CACHE_OVERLAY, WORKLOAD_IDENTITY_OVERLAY]
 # Native sidecars (restartPolicy: Always on an init container) are on by default from
 # 1.29; validate against the oldest schema we claim (1.30) and the newest one known.
 KUBERNETES_VERSIONS = ["1.30.0", "latest"]

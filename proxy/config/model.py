@@ -19,7 +19,13 @@ AuthMethod = Literal[
     "client_secret_post",
     "private_key_jwt",
     "tls_client_auth",
+    "none",  # no client authentication: only for grants that carry their own proof
 ]
+# The grant a token is requested with (RFC 6749 §4.4, RFC 8693, RFC 7523 §2.1).
+GrantName = Literal["client_credentials", "token_exchange", "jwt_bearer"]
+# RFC 8693 §3 token type identifiers.
+TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
+TOKEN_TYPE_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
 LogFormat = Literal["text", "json"]
 TokenCacheMode = Literal["shared", "local"]
 
@@ -119,9 +125,9 @@ class TlsClientConfig:
 
 @dataclass(frozen=True)
 class TokenConfig:
-    """How to obtain one upstream's token with the client-credentials grant."""
+    """How to obtain one upstream's token: the grant, the client and the request."""
 
-    client_id: str
+    client_id: str  # "" when absent (token_exchange with auth_method none)
     token_url: str | None = None  # exactly one of token_url / issuer is set
     issuer: str | None = None
     auth_method: AuthMethod = "client_secret_basic"
@@ -134,6 +140,16 @@ class TokenConfig:
     audience: str | None = None
     resource: tuple[str, ...] = ()
     extra_params: tuple[tuple[str, str], ...] = ()
+    grant: GrantName = "client_credentials"
+    # token_exchange (RFC 8693 §2.1): the token presented, re-read at every fetch.
+    subject_token_file: Path | None = None
+    subject_token_type: str = TOKEN_TYPE_JWT
+    actor_token_file: Path | None = None  # with actor_token_type, or neither
+    actor_token_type: str | None = None
+    requested_token_type: str | None = None
+    # jwt_bearer (RFC 7523 §2.1): a ready-made assertion, re-read at every fetch; without
+    # it the assertion is signed with `private_key_file` (iss = sub = client_id).
+    assertion_file: Path | None = None
     refresh_before_expiry: float | None = None  # None: min(300 s, 20% of the lifetime)
     default_lifetime: float = 300.0  # when expires_in is absent and the token is no JWT
     timeout: float = 10.0  # total time for one token request

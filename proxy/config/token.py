@@ -1,10 +1,12 @@
 """Token sections (`upstreams.<name>.token`): how one upstream's token is obtained.
 
-Owns the token endpoint (`token_url` or `issuer`), the client authentication method
-and the credentials each method takes (RFC 7591 §2: exactly its own), the secrets and
-keys (checked at load, re-read at every fetch), the request parameters (`scope`,
-`audience`, `resource`, `extra_params`), the timing (refresh margin, default lifetime,
-timeouts, backoff) and whether the token goes into the fleet cache (`cache`).
+Owns the token endpoint (`token_url` or `issuer`), the grant (`grant`: client
+credentials, RFC 8693 token exchange, RFC 7523 JWT bearer) and the inputs each grant
+takes (exactly its own), the client authentication method and the credentials each
+method takes (RFC 7591 §2: exactly its own), the secrets, tokens and keys (checked at
+load, re-read at every fetch), the request parameters (`scope`, `audience`,
+`resource`, `extra_params`), the timing (refresh margin, default lifetime, timeouts,
+backoff) and whether the token goes into the fleet cache (`cache`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ import urllib.parse
 from pathlib import Path
 
 from proxy.config.keys import UnusableKey, parse_signing_key
-from proxy.config.model import AuthMethod, TlsClientConfig, TokenCacheMode, TokenConfig
+from proxy.config.model import (
+    TOKEN_TYPE_ACCESS_TOKEN,
+    TOKEN_TYPE_JWT,
+    AuthMethod,
+    GrantName,
+    TlsClientConfig,
+    TokenCacheMode,
+    TokenConfig,
+)
 from proxy.config.scalars import duration, one_of
 from proxy.config.source import (
     MISSING,
@@ -36,9 +46,36 @@ __all__ = ["TOKEN_KEYS", "private_key_file", "token"]
 TOKEN_KEYS = yaml_keys(TokenConfig, expand={"tls": TLS_KEYS})
 _AUTH_METHODS: tuple[AuthMethod, ...] = typing.get_args(AuthMethod)
 _CACHE_MODES: tuple[TokenCacheMode, ...] = typing.get_args(TokenCacheMode)
+_GRANTS: tuple[GrantName, ...] = typing.get_args(GrantName)
+# The keys of each grant beyond client credentials; every other grant refuses them.
+_GRANT_KEYS: dict[GrantName, tuple[str, ...]] = {
+    "client_credentials": (),
+    "token_exchange": (
+        "subject_token_file",
+        "subject_token_type",
+        "actor_token_file",
+        "actor_token_type",
+        "requested_token_type",
+    ),
+    "jwt_bearer": ("assertion_file",),
+}
+# Only these are sent as bearer tokens (RFC 8693 §3), so only these may be requested.
+_INJECTABLE_TOKEN_TYPES = (TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT)
 # RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
-_PROXY_OWNED_PARAMS = ("grant_type", "client_id", "client_secret", "scope")
+_PROXY_OWNED_PARAMS = (
+    "grant_type",
+    "client_id",
+    "client_secret",
+    "scope",
+    # RFC 8693 §2.1 and RFC 7523 §2.1: the grants' own parameters.
+    "subject_token",
+    "subject_token_type",
+    "actor_token",
+    "actor_token_type",
+    "requested_token_type",
+    "assertion",
+)
 
 
 def token(allow_insecure_http: bool) -> Read[TokenConfig]:
@@ -58,20 +95,24 @@ def _token(section: Section, allow_insecure_http: bool) -> TokenConfig:
         section.fail("token_url", "missing (set token_url or issuer)")
     if token_url is not None and issuer is not None:
         section.fail("issuer", "set either token_url or issuer, not both")
-    client_id = section.required("client_id", Reader.string)
+    default_grant: GrantName = "client_credentials"
+    grant = section.with_default("grant", one_of(_GRANTS), default_grant)
     client_secret = section.optional("client_secret", Reader.secret)
     client_secret_file = section.optional("client_secret_file", Reader.secret_file)
     key_file = section.optional("private_key_file", private_key_file)
     client_assertion_file = section.optional("client_assertion_file", Reader.secret_file)
     key_id = section.optional("key_id", Reader.string)
     tls = tls_client(section)
-    default_method: AuthMethod = (
-        "private_key_jwt"
-        if key_file is not None or client_assertion_file is not None
-        else "client_secret_basic"
+    auth_method = section.with_default(
+        "auth_method", one_of(_AUTH_METHODS), _default_auth_method(section, grant)
     )
-    auth_method = section.with_default("auth_method", one_of(_AUTH_METHODS), default_method)
-    _check_auth_method(section, auth_method, tls)
+    if grant == "token_exchange" and auth_method == "none":
+        # RFC 8693 §2.1: whether an unidentified client may exchange is the server's call.
+        client_id = section.with_default("client_id", Reader.string, "")
+    else:
+        client_id = section.required("client_id", Reader.string)
+    _check_grant(section, grant, auth_method)
+    _check_auth_method(section, auth_method, tls, grant)
     defaults = TokenConfig(client_id=client_id)
     retry_initial = section.with_default("retry_initial", duration, defaults.retry_initial)
     retry_max = section.with_default("retry_max", duration, defaults.retry_max)
@@ -101,14 +142,121 @@ def _token(section: Section, allow_insecure_http: bool) -> TokenConfig:
         retry_max=retry_max,
         tls=tls,
         cache=section.with_default("cache", one_of(_CACHE_MODES), defaults.cache),
+        grant=grant,
+        subject_token_file=section.optional("subject_token_file", Reader.secret_file),
+        subject_token_type=section.with_default(
+            "subject_token_type", _token_type, defaults.subject_token_type
+        ),
+        actor_token_file=section.optional("actor_token_file", Reader.secret_file),
+        actor_token_type=section.optional("actor_token_type", _token_type),
+        requested_token_type=section.optional("requested_token_type", _requested_token_type),
+        assertion_file=section.optional("assertion_file", Reader.secret_file),
     )
 
 
-def _check_auth_method(section: Section, method: AuthMethod, tls: TlsClientConfig) -> None:
-    """Each client authentication method takes exactly its own credentials (RFC 7591 §2)."""
+def _default_auth_method(section: Section, grant: GrantName) -> AuthMethod:
+    """The method the credentials present imply; `none` for a grant that needs none."""
+    if grant == "client_credentials":
+        if "private_key_file" in section or "client_assertion_file" in section:
+            return "private_key_jwt"
+        return "client_secret_basic"
+    if "client_secret" in section or "client_secret_file" in section:
+        return "client_secret_basic"
+    # jwt_bearer's private_key_file signs the grant's assertion, not a client assertion.
+    if grant == "token_exchange" and (
+        "client_assertion_file" in section or "private_key_file" in section
+    ):
+        return "private_key_jwt"
+    return "none"
+
+
+def _check_grant(section: Section, grant: GrantName, method: AuthMethod) -> None:
+    """Each grant takes exactly its own inputs (RFC 8693 §2.1, RFC 7523 §2.1)."""
+    for other, keys in _GRANT_KEYS.items():
+        if other != grant:
+            for key in keys:
+                if key in section:
+                    section.fail(key, f"not used with grant {grant}")
+    if grant == "client_credentials":
+        if method == "none":
+            section.fail(
+                "auth_method",
+                "none is only allowed with grant token_exchange or jwt_bearer: the client "
+                "credentials grant is the client's authentication",
+            )
+    elif grant == "token_exchange":
+        if "subject_token_file" not in section:
+            section.fail("subject_token_file", "missing (grant token_exchange needs it)")
+        if "actor_token_file" in section and "actor_token_type" not in section:
+            section.fail(
+                "actor_token_type", "missing (set both actor_token_file and it, or neither)"
+            )
+        if "actor_token_type" in section and "actor_token_file" not in section:
+            section.fail(
+                "actor_token_file", "missing (set both actor_token_type and it, or neither)"
+            )
+    else:  # jwt_bearer
+        if "client_assertion_file" in section:
+            section.fail(
+                "client_assertion_file",
+                "not used with grant jwt_bearer (its assertion is assertion_file)",
+            )
+        if method == "private_key_jwt":
+            section.fail(
+                "auth_method",
+                "private_key_jwt is not used with grant jwt_bearer: private_key_file signs the "
+                "grant's assertion; authenticate the client with a secret, a certificate or none",
+            )
+        if "assertion_file" in section and "private_key_file" in section:
+            section.fail(
+                "assertion_file", "set either assertion_file or private_key_file, not both"
+            )
+        if "assertion_file" not in section and "private_key_file" not in section:
+            section.fail(
+                "assertion_file",
+                "missing (grant jwt_bearer needs assertion_file or private_key_file)",
+            )
+        if "key_id" in section and "private_key_file" not in section:
+            section.fail("key_id", "only used with private_key_file")
+
+
+def _token_type(reader: Reader, path: KeyPath, value: object) -> str:
+    """An RFC 8693 §3 token type identifier: an absolute URI."""
+    text = reader.string(path, value).strip()
+    try:
+        scheme = urllib.parse.urlsplit(text).scheme
+    except ValueError:
+        scheme = ""
+    if not scheme or any(not "\x21" <= char <= "\x7e" for char in text):
+        reader.fail(
+            path,
+            f"{show(text)} is not a token type URI (e.g. {TOKEN_TYPE_JWT}, RFC 8693 §3)",
+        )
+    return text
+
+
+def _requested_token_type(reader: Reader, path: KeyPath, value: object) -> str:
+    text = _token_type(reader, path, value)
+    if text not in _INJECTABLE_TOKEN_TYPES:
+        reader.fail(
+            path,
+            f"{show(text)} cannot be sent as a bearer token: request "
+            f"{' or '.join(_INJECTABLE_TOKEN_TYPES)}",
+        )
+    return text
+
+
+def _check_auth_method(
+    section: Section, method: AuthMethod, tls: TlsClientConfig, grant: GrantName
+) -> None:
+    """Each client authentication method takes exactly its own credentials (RFC 7591 §2).
+
+    With grant jwt_bearer, `private_key_file` and `key_id` belong to the grant.
+    """
+    grant_owned = ("private_key_file", "key_id") if grant == "jwt_bearer" else ()
 
     def present(key: str) -> bool:
-        return key in section
+        return key in section and key not in grant_owned
 
     def not_used_with(key: str) -> None:
         if present(key):
@@ -142,6 +290,15 @@ def _check_auth_method(section: Section, method: AuthMethod, tls: TlsClientConfi
             )
         if present("key_id") and not present("private_key_file"):
             section.fail("key_id", "only used with private_key_file")
+    elif method == "none":
+        for key in (
+            "client_secret",
+            "client_secret_file",
+            "private_key_file",
+            "client_assertion_file",
+            "key_id",
+        ):
+            not_used_with(key)
     else:  # tls_client_auth (RFC 8705 §2.1): the client certificate is the credential
         for key in (
             "client_secret",

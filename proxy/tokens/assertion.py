@@ -1,5 +1,9 @@
 """Client assertions for `private_key_jwt` (RFC 7523 §2.2, RFC 7521 §4.2).
 
+`sign_client_assertion()` also signs the assertion of the JWT-bearer grant
+(`proxy.tokens.grants.jwt_bearer`, RFC 7523 §2.1): the claims RFC 7523 §3 asks of both
+are the same when the client asserts itself.
+
 Either a JWT that we sign ourselves with the configured private key (RS256 for an RSA
 key, ES256/ES384/ES512 for an EC P-256/P-384/P-521 key), or an assertion minted by
 someone else and read from ``client_assertion_file`` (a Kubernetes projected service

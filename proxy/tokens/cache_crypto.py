@@ -9,7 +9,10 @@ anything derived from a secret without a key:
 * An entry's name is ``<key_prefix>:token:<hex HMAC>`` over the credential's identity:
   token endpoint (or issuer), grant, client id, authentication method and key id, an
   HMAC fingerprint of the secret, signing key, client certificate or assertion
-  subject (never the secret itself), scope, audience, resource and extra parameters.
+  subject (never the secret itself), scope, audience, resource and extra parameters,
+  and what the grant adds (`proxy.tokens.grants`: for a token exchange the token
+  types and fingerprints of who the subject and actor tokens speak for; for a JWT
+  bearer grant a fingerprint of the assertion's subject or of its signing key).
   Two configs that differ in any of these never share an entry; a replica with
   another key computes other names and reads nothing of the others'.
 * A value is ``0x01 || nonce (12 bytes) || AES-256-GCM(entry JSON)`` with the entry's
@@ -33,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeGuard
 
-import jwt
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -41,6 +43,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from proxy.config import TokenConfig
 from proxy.config.cache import MIN_ENCRYPTION_KEY_BYTES, encryption_key_material
+from proxy.tokens.grants import grant_for
+from proxy.tokens.grants.base import token_subject
 
 __all__ = [
     "MIN_KEY_BYTES",
@@ -180,10 +184,17 @@ def credential_identity(config: TokenConfig, keys: CacheKeys) -> list[str]:
     when one cannot be read, in which case the token is not shared this time.
     """
     endpoint = config.token_url if config.token_url is not None else f"issuer:{config.issuer}"
+    grant = grant_for(config)
+    try:
+        extra = grant.identity(config)
+    except OSError as exc:
+        raise CredentialUnreadable(f"{grant.name}: {exc.strerror}") from None
+    # A client-credentials identity is exactly what it was before grants were added, so
+    # replicas of either version share its entries.
     return [
         "v1",
         endpoint,
-        "client_credentials",
+        grant.name,
         config.client_id,
         config.auth_method,
         config.key_id or "",
@@ -192,11 +203,14 @@ def credential_identity(config: TokenConfig, keys: CacheKeys) -> list[str]:
         config.audience or "",
         json.dumps(list(config.resource)),
         json.dumps(sorted(config.extra_params)),
+        *(keys.fingerprint(item) if isinstance(item, bytes) else item for item in extra),
     ]
 
 
 def _credential_material(config: TokenConfig) -> bytes:
     """The bytes that tell one credential of this client from another."""
+    if config.auth_method == "none":
+        return b"none\0"
     if config.auth_method == "private_key_jwt":
         if config.client_assertion_file is not None:
             return b"assertion\0" + _assertion_subject(_read(config.client_assertion_file))
@@ -214,18 +228,8 @@ def _credential_material(config: TokenConfig) -> bytes:
 
 
 def _assertion_subject(assertion: bytes) -> bytes:
-    """Who a ready-made assertion speaks for (issuer, subject, audience).
-
-    Such files are rotated often (a projected service-account token lives an hour) and
-    differ per pod; the identity they assert is what defines the token, so pods of one
-    service account share it. An assertion that is no JWT is fingerprinted whole.
-    """
-    try:
-        claims = jwt.decode(assertion.strip(), options={"verify_signature": False})
-    except jwt.PyJWTError:
-        return b"raw\0" + assertion.strip()
-    subject = [str(claims.get(name, "")) for name in ("iss", "sub", "aud")]
-    return b"claims\0" + json.dumps(subject).encode()
+    """Who a ready-made assertion speaks for: `token_subject`."""
+    return token_subject(assertion)
 
 
 def _read(path: Path) -> bytes:

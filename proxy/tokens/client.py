@@ -1,15 +1,19 @@
-"""Exactly one client-credentials token request (RFC 6749 §4.4), and what its answer means.
+"""Exactly one token request, and what its answer means.
 
-`TokenClient.fetch()` authenticates the client (§2.3: ``client_secret_basic``,
-``client_secret_post``, RFC 7523 ``private_key_jwt`` or RFC 8705 ``tls_client_auth``),
-POSTs the form, and turns the answer into a `TokenResponse` or into one of the
-`proxy.errors.TokenFetchError` subclasses, whose ``reason`` is the failure metric label.
-It neither caches nor retries: that is the provider's job.
+`TokenClient.fetch()` builds the form from the configured grant (`proxy.tokens.grants`:
+client credentials, RFC 8693 token exchange, RFC 7523 JWT bearer) and the common
+parameters, authenticates the client (RFC 6749 §2.3: ``client_secret_basic``,
+``client_secret_post``, RFC 7523 ``private_key_jwt``, RFC 8705 ``tls_client_auth``, or
+``none`` for the grants that allow it), POSTs it, and turns the answer into a
+`TokenResponse` or into one of the `proxy.errors.TokenFetchError` subclasses, whose
+``reason`` is the failure metric label. It neither caches nor retries: that is the
+provider's job.
 
 Safety rules kept here: redirects are never followed (a token request must not be
 replayed to another host), cookies are never kept, the response body is read up to a
-cap, and no message built here contains the token, the secret, the assertion or the
-``Authorization`` header (server-supplied text is sanitised and has them redacted).
+cap, and no message built here contains the token, the secret, an assertion, a subject
+or actor token or the ``Authorization`` header (server-supplied text is sanitised and
+has them redacted).
 
 The helpers `transport_errors()` and `read_body()` are shared with discovery.
 """
@@ -48,6 +52,7 @@ from proxy.errors import (
 )
 from proxy.tokens.assertion import JWT_BEARER_ASSERTION_TYPE, client_assertion
 from proxy.tokens.clock import wall_time
+from proxy.tokens.grants import grant_for
 
 if TYPE_CHECKING:
     from jwt.types import Options
@@ -56,6 +61,7 @@ __all__ = [
     "CLOCK_TOLERANCE",
     "MAX_LIFETIME",
     "MAX_RESPONSE_BYTES",
+    "REQUEST_ERROR_CODES",
     "RFC6749_ERROR_CODES",
     "TokenClient",
     "TokenResponse",
@@ -87,9 +93,13 @@ RFC6749_ERROR_CODES = frozenset(
         "invalid_scope",
     }
 )
+# Errors that say the request or the client is wrong, whichever grant: RFC 6749 §5.2, and
+# `invalid_target` (RFC 8707 §2, RFC 8693 §2.2.2: audience or resource refused).
+REQUEST_ERROR_CODES = RFC6749_ERROR_CODES | {"invalid_target"}
 _MESSAGE_TEXT_LIMIT = 200
 _DELTA_SECONDS = re.compile(r"[0-9]{1,10}")
 _HEADER_SAFE_TOKEN = re.compile(r"[\x21-\x7e]+")
+_TOKEN_TYPE_NAMES = {"bearer": "Bearer", "n_a": "N_A"}
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,8 @@ class TokenResponse:
     token_type: str = "Bearer"
     # Where `expires_in` came from: "expires_in", "jwt_exp" or "default".
     lifetime_source: str = "expires_in"
+    # RFC 8693 §2.2.1: what a token exchange issued (access token or JWT); else None.
+    issued_token_type: str | None = None
 
 
 class TokenClient:
@@ -132,8 +144,8 @@ class TokenClient:
         self._short_secret = False
 
     async def fetch(self, token_url: str) -> TokenResponse:
-        """POST one client-credentials request to `token_url`; raise a `TokenFetchError`."""
-        # Secret files and private keys are read (and assertions signed) on every fetch so
+        """POST one token request to `token_url`; raise a `TokenFetchError`."""
+        # Secret, token and key files are read (and assertions signed) on every fetch so
         # that rotated credentials are picked up; off the event loop, files may be slow.
         form, headers, sensitive = await asyncio.to_thread(self._authenticated_request, token_url)
         headers["Accept"] = "application/json"
@@ -159,17 +171,25 @@ class TokenClient:
     def _authenticated_request(
         self, token_url: str
     ) -> tuple[list[tuple[str, str]], dict[str, str], list[str]]:
-        """The form, headers and the values that must never appear in a message."""
+        """The form, headers and the values that must never appear in a message.
+
+        Order: ``grant_type``, the common parameters, the grant's own, ``extra_params``,
+        then client authentication (RFC 8693 §2.3 and RFC 7523 §2.1 examples, byte for
+        byte, when configured alike).
+        """
         config = self._config
-        form: list[tuple[str, str]] = [("grant_type", "client_credentials")]
+        grant = grant_for(config)
+        form: list[tuple[str, str]] = [("grant_type", grant.grant_type)]
         if config.scope:
             form.append(("scope", " ".join(config.scope)))
         if config.audience:
             form.append(("audience", config.audience))
         form.extend(("resource", resource) for resource in config.resource)
+        grant_request = grant.parameters(config, token_url)
+        form.extend(grant_request.form)
         form.extend(config.extra_params)
         headers: dict[str, str] = {}
-        sensitive: list[str] = []
+        sensitive: list[str] = list(grant_request.sensitive)
         method = config.auth_method
         if method == "client_secret_basic":
             secret = self._client_secret()
@@ -191,7 +211,11 @@ class TokenClient:
                 ("client_assertion_type", JWT_BEARER_ASSERTION_TYPE),
                 ("client_assertion", assertion),
             ]
-        else:  # tls_client_auth: the certificate in the session's TLS context authenticates
+        elif method == "tls_client_auth":
+            # The certificate in the session's TLS context authenticates.
+            form.append(("client_id", config.client_id))
+        elif config.client_id:
+            # none: an unauthenticated client may still say who it is (RFC 6749 §3.2.1).
             form.append(("client_id", config.client_id))
         return form, headers, sensitive
 
@@ -221,7 +245,8 @@ class TokenClient:
     def _parse_success(
         self, body: bytes, headers: CIMultiDictProxy[str], sensitive: list[str]
     ) -> TokenResponse:
-        """RFC 6749 §5.1: a JSON object with a bearer access_token, else InvalidTokenResponse."""
+        """RFC 6749 §5.1 (and the grant's rules): a JSON object with an access_token of
+        a type sent as a bearer token, else InvalidTokenResponse."""
         content_type = sanitise(headers.get("Content-Type", "none"), sensitive)
         try:
             document = json.loads(body)
@@ -240,16 +265,23 @@ class TokenClient:
             raise InvalidTokenResponse(
                 "access_token contains characters that cannot be sent in an HTTP header"
             )
+        grant = grant_for(self._config)
+        grant.check_answer(document, [*sensitive, access_token])
         token_type = document.get("token_type")
         if token_type is None:
             log.warning(
                 "token response has no token_type; treating it as Bearer",
                 extra={"event": "token_response_warning", "upstream": self._upstream},
             )
-            token_type = "Bearer"
-        elif not isinstance(token_type, str) or token_type.lower() != "bearer":
+        elif not isinstance(token_type, str) or token_type.lower() not in grant.token_types:
             shown = sanitise(str(token_type), [*sensitive, access_token])
-            raise InvalidTokenResponse(f"token_type is {shown!r}, not Bearer (RFC 6750)")
+            allowed = " or ".join(_TOKEN_TYPE_NAMES[name] for name in sorted(grant.token_types))
+            raise InvalidTokenResponse(f"token_type is {shown!r}, not {allowed} (RFC 6750)")
+        if token_type is None or token_type.lower() == "n_a":
+            # RFC 8693 §2.2.1: N_A names a token the issuer does not call an access token
+            # but which is used as one (its issued_token_type said so): a bearer token here.
+            token_type = "Bearer"
+        issued_token_type = document.get("issued_token_type")
         scope = document.get("scope")
         lifetime, source, clock_offset = _lifetime(
             document.get("expires_in"),
@@ -265,6 +297,7 @@ class TokenClient:
             scope=scope if isinstance(scope, str) else None,
             token_type=token_type,
             lifetime_source=source,
+            issued_token_type=issued_token_type if isinstance(issued_token_type, str) else None,
         )
 
     def _note_clock(self, offset: float | None, lifetime: float) -> None:
@@ -316,7 +349,7 @@ def error_for_status(
         )
     code, description = _oauth_error(body, sensitive)
     if 400 <= status < 500:
-        if code in RFC6749_ERROR_CODES:
+        if code in REQUEST_ERROR_CODES:
             message = f"token endpoint answered HTTP {status} {code}"
             return InvalidClient(message + (f": {description}" if description else ""))
         suffix = f" ({code})" if code else ""

@@ -1,7 +1,9 @@
-"""A real OAuth 2.0 token endpoint on 127.0.0.1 for the tests (RFC 6749 §4.4).
+"""A real OAuth 2.0 token endpoint on 127.0.0.1 for the tests.
 
-It authenticates clients as strictly as the RFCs say, so a test passing against it
-means the client is right, not that the fake is lenient:
+It knows three grants: client credentials (RFC 6749 §4.4), token exchange (RFC 8693)
+and JWT bearer (RFC 7523 §2.1). It authenticates clients and checks every grant
+parameter as strictly as the RFCs say, so a test passing against it means the client
+is right, not that the fake is lenient:
 
 * ``client_secret_basic`` (RFC 6749 §2.3.1): the Basic credentials are base64-decoded,
   then client id and secret are each form-urldecoded;
@@ -11,7 +13,19 @@ means the client is right, not that the fake is lenient:
   ``exp`` in the future, and a ``jti`` is accepted once only;
 * ``tls_client_auth`` (RFC 8705 §2): the TLS client certificate names the client;
 * more than one method in a request is refused (RFC 6749 §2.3), as is a repeated
-  parameter other than ``resource`` (RFC 6749 §3.2, RFC 8707).
+  parameter other than ``resource`` (RFC 6749 §3.2, RFC 8707) and, in a token
+  exchange, ``audience`` (RFC 8693 §2.1); so is a parameter of another grant;
+* token exchange (RFC 8693 §2.1, §2.2): ``subject_token`` must be one the server knows
+  (`subject_tokens`, token -> type) with its ``subject_token_type``; ``actor_token``
+  and ``actor_token_type`` come together or not at all and must match `actor_tokens`;
+  ``requested_token_type`` must be one it issues (access token or JWT); an ``audience``
+  or ``resource`` outside `audiences` is ``invalid_target``. The answer carries
+  ``issued_token_type``. Unauthenticated clients are served only with
+  `allow_unauthenticated`, and only for token exchange and JWT bearer;
+* JWT bearer (RFC 7523 §2.1, §3): one ``assertion``, a JWT signed with the key of its
+  ``iss`` in ``jwt_keys``, with ``sub``, ``exp`` (in the future, at most an hour away),
+  ``aud`` naming the token URL (or `assertion_audience`), ``nbf`` respected and a
+  ``jti`` accepted once; anything else is ``invalid_grant``.
 
 Tests make it misbehave with `fail_next()` / `set_failing()`, hold answers back with
 `hold`, and synchronise on `wait_for_requests()` instead of sleeping. It also serves
@@ -28,7 +42,7 @@ import math
 import secrets
 import ssl
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote_plus
@@ -37,15 +51,37 @@ import jwt
 from aiohttp import web
 
 __all__ = [
+    "ACCESS_TOKEN_TYPE",
     "FAILURES",
     "JWT_BEARER",
+    "JWT_BEARER_GRANT",
+    "JWT_TOKEN_TYPE",
     "OMIT",
+    "TOKEN_EXCHANGE_GRANT",
     "Failure",
     "ReceivedTokenRequest",
     "TokenServer",
 ]
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+# The parameters that belong to one grant only (RFC 8693 §2.1, RFC 7523 §2.1).
+_GRANT_PARAMS = {
+    "client_credentials": frozenset(),
+    TOKEN_EXCHANGE_GRANT: frozenset(
+        {
+            "subject_token",
+            "subject_token_type",
+            "actor_token",
+            "actor_token_type",
+            "requested_token_type",
+        }
+    ),
+    JWT_BEARER_GRANT: frozenset({"assertion"}),
+}
 ASSERTION_ALGORITHMS = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512"]
 
 
@@ -68,6 +104,7 @@ class ReceivedTokenRequest:
     client_id: str
     headers: dict[str, str]
     outcome: str = "pending"  # "issued", "error:<code>" or "failure:<name>"
+    body: bytes = b""  # exactly as received
 
     def param(self, name: str) -> str | None:
         """The single value of form parameter `name`, or None."""
@@ -157,13 +194,24 @@ class TokenServer:
         jwt_lifetime: float | None = None,
         jwt_iat: bool = True,
         allowed_scopes: Iterable[str] | None = None,
+        subject_tokens: Mapping[str, str] | None = None,
+        actor_tokens: Mapping[str, str] | None = None,
+        audiences: Iterable[str] | None = None,
+        assertion_audience: str | None = None,
+        allow_unauthenticated: bool = False,
     ) -> None:
         """`clients`: client_id -> secret; `jwt_keys`: client_id -> public key (object or
         PEM) for private_key_jwt; `tls_clients`: client_id -> a name its TLS client
         certificate carries (subject CN or subjectAltName). `token_format="jwt"` issues
         HS256 JWTs whose `exp` is `jwt_lifetime` (default: `expires_in`) from now, with an
         `iat` claim unless `jwt_iat` is false. JWT claims use this process's real wall
-        clock (`time.time`), whatever clock the proxy is given."""
+        clock (`time.time`), whatever clock the proxy is given.
+
+        Token exchange: `subject_tokens` and `actor_tokens` map the tokens it accepts to
+        their type URIs (settable, to rotate them); `audiences` limits `audience` and
+        `resource`. JWT bearer: `assertion_audience` is the `aud` an assertion must name
+        (default: the token URL). `allow_unauthenticated` serves those two grants to a
+        client that does not authenticate."""
         self.clients: dict[str, str] = (
             dict(clients) if clients is not None else {"order-service": "s3cret"}
         )
@@ -174,6 +222,11 @@ class TokenServer:
         self.jwt_lifetime = jwt_lifetime
         self.jwt_iat = jwt_iat
         self.allowed_scopes = set(allowed_scopes) if allowed_scopes is not None else None
+        self.subject_tokens: dict[str, str] = dict(subject_tokens or {})
+        self.actor_tokens: dict[str, str] = dict(actor_tokens or {})
+        self.audiences = set(audiences) if audiences is not None else None
+        self.assertion_audience = assertion_audience
+        self.allow_unauthenticated = allow_unauthenticated
         # Fields merged into every token response; a value of OMIT removes the field.
         self.response_overrides: dict[str, Any] = {}
         # Discovery: which documents exist, and what to change in them.
@@ -274,6 +327,17 @@ class TokenServer:
         """Until at least `n` tokens have been issued."""
         await self._wait_until(lambda: self.fetch_count >= n, timeout)
 
+    async def wait_for(
+        self,
+        predicate: Callable[[ReceivedTokenRequest], bool],
+        after: int = 0,
+        timeout: float = 10.0,  # noqa: ASYNC109
+    ) -> None:
+        """Until a request from index `after` on matches `predicate` (failed ones included)."""
+        await self._wait_until(
+            lambda: any(predicate(received) for received in self.requests[after:]), timeout
+        )
+
     async def _wait_until(self, predicate: Any, seconds: float) -> None:
         async with asyncio.timeout(seconds), self._changed:
             await self._changed.wait_for(predicate)
@@ -306,12 +370,13 @@ class TokenServer:
         document: dict[str, Any] = {
             "issuer": self.issuer,
             "token_endpoint": self.url,
-            "grant_types_supported": ["client_credentials"],
+            "grant_types_supported": ["client_credentials", TOKEN_EXCHANGE_GRANT, JWT_BEARER_GRANT],
             "token_endpoint_auth_methods_supported": [
                 "client_secret_basic",
                 "client_secret_post",
                 "private_key_jwt",
                 "tls_client_auth",
+                *(["none"] if self.allow_unauthenticated else []),
             ],
             "token_endpoint_auth_signing_alg_values_supported": ASSERTION_ALGORITHMS,
         }
@@ -329,6 +394,7 @@ class TokenServer:
             auth_method="none",
             client_id="",
             headers=dict(request.headers),
+            body=body,
         )
         auth_error = self._authenticate(request, form, received)
         self.requests.append(received)
@@ -348,16 +414,50 @@ class TokenServer:
         if problem is not None:
             received.outcome = f"error:{problem['error']}"
             return _json(400, problem)
-        if auth_error is not None:
+        grant_type = received.param("grant_type")
+        unauthenticated_ok = (
+            self.allow_unauthenticated
+            and received.auth_method == "none"
+            and grant_type in (TOKEN_EXCHANGE_GRANT, JWT_BEARER_GRANT)
+        )
+        if auth_error is not None and not unauthenticated_ok:
             received.outcome = "error:invalid_client"
             headers = {}
             if received.auth_method in ("client_secret_basic", "none"):
                 headers["WWW-Authenticate"] = 'Basic realm="token-server"'
             return _json(401, _json_error("invalid_client", auth_error), headers)
-        grant_type = received.param("grant_type")
-        if grant_type != "client_credentials":
+        if grant_type not in _GRANT_PARAMS:
             received.outcome = "error:unsupported_grant_type"
             return _json(400, _json_error("unsupported_grant_type"))
+        foreign = sorted(
+            name
+            for other, names in _GRANT_PARAMS.items()
+            if other != grant_type
+            for name in names
+            if name in form
+        )
+        if foreign:
+            received.outcome = "error:invalid_request"
+            return _json(
+                400,
+                _json_error("invalid_request", f"{foreign[0]} is not a parameter of this grant"),
+            )
+        subject = received.client_id
+        issued_token_type: str | None = None
+        if grant_type == TOKEN_EXCHANGE_GRANT:
+            outcome = self._check_exchange(form)
+            if isinstance(outcome, dict):
+                received.outcome = f"error:{outcome['error']}"
+                return _json(400, outcome)
+            issued_token_type = outcome
+            # Never the subject token itself: issued JWTs are read in tests and logs.
+            subject = f"exchanged-for:{received.client_id or 'anonymous'}"
+        elif grant_type == JWT_BEARER_GRANT:
+            outcome = self._check_grant_assertion(form)
+            if isinstance(outcome, dict):
+                received.outcome = f"error:{outcome['error']}"
+                return _json(400, outcome)
+            subject = outcome
         scope = received.param("scope")
         if (
             scope is not None
@@ -367,9 +467,12 @@ class TokenServer:
             received.outcome = "error:invalid_scope"
             return _json(400, _json_error("invalid_scope"))
 
-        token = self._issue(received.client_id)
+        token = self._issue(subject)
         received.outcome = "issued"
         document: dict[str, Any] = {"access_token": token, "token_type": "Bearer"}
+        if issued_token_type is not None:
+            # RFC 8693 §2.2.1: REQUIRED in a token exchange answer.
+            document["issued_token_type"] = issued_token_type
         if self.expires_in is not None:
             document["expires_in"] = self.expires_in
         if scope is not None:
@@ -388,7 +491,12 @@ class TokenServer:
             return _json_error("invalid_request", "body must be application/x-www-form-urlencoded")
         if body and not form:
             return _json_error("invalid_request", "body is not a form")
-        repeated = [name for name, values in form.items() if len(values) > 1 and name != "resource"]
+        repeatable = {"resource"}
+        if form.get("grant_type") == [TOKEN_EXCHANGE_GRANT]:
+            repeatable.add("audience")  # RFC 8693 §2.1: several audiences may be named
+        repeated = [
+            name for name, values in form.items() if len(values) > 1 and name not in repeatable
+        ]
         if repeated:
             return _json_error("invalid_request", f"repeated parameter {repeated[0]}")
         return None
@@ -484,6 +592,70 @@ class TokenServer:
             return "assertion jti was already used (RFC 7523 §3 item 7)"
         self._seen_jti.add(claims["jti"])
         return None
+
+    def _check_exchange(self, form: dict[str, list[str]]) -> dict[str, str] | str:
+        """RFC 8693 §2.1: an error body (§2.2.2), or the type of the token to issue."""
+
+        def one(name: str) -> str | None:
+            values = form.get(name)
+            return values[0] if values else None
+
+        subject, subject_type = one("subject_token"), one("subject_token_type")
+        if not subject:
+            return _json_error("invalid_request", "subject_token is missing")
+        if not subject_type:
+            return _json_error("invalid_request", "subject_token_type is missing")
+        if self.subject_tokens.get(subject) != subject_type:
+            # §2.2.2: an invalid subject token is invalid_request.
+            return _json_error("invalid_request", "subject_token is not valid for its type")
+        actor, actor_type = one("actor_token"), one("actor_token_type")
+        if (actor is None) != (actor_type is None):
+            return _json_error(
+                "invalid_request", "actor_token and actor_token_type come together or not at all"
+            )
+        if actor is not None and self.actor_tokens.get(actor) != actor_type:
+            return _json_error("invalid_request", "actor_token is not valid for its type")
+        requested = one("requested_token_type")
+        if requested is not None and requested not in (ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE):
+            return _json_error("invalid_request", "requested_token_type cannot be issued")
+        if self.audiences is not None:
+            targets = form.get("audience", []) + form.get("resource", [])
+            if any(target not in self.audiences for target in targets):
+                return _json_error("invalid_target", "audience or resource not served here")
+        if self.token_format == "jwt" and requested is None:
+            return JWT_TOKEN_TYPE
+        return requested or ACCESS_TOKEN_TYPE
+
+    def _check_grant_assertion(self, form: dict[str, list[str]]) -> dict[str, str] | str:
+        """RFC 7523 §2.1 and §3: an error body, or the assertion's subject."""
+        assertion = (form.get("assertion") or [""])[0]
+        if not assertion:
+            return _json_error("invalid_request", "assertion is missing")
+        try:
+            unverified = jwt.decode(assertion, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            return _json_error("invalid_grant", "assertion is not a JWT")
+        key = self.jwt_keys.get(unverified.get("iss"))  # type: ignore[arg-type]
+        if key is None:
+            return _json_error("invalid_grant", "no key registered for the assertion's issuer")
+        try:
+            claims = jwt.decode(
+                assertion,
+                key,
+                algorithms=ASSERTION_ALGORITHMS,
+                audience=self.assertion_audience or self.url,
+                options={"require": ["iss", "sub", "aud", "exp"]},
+            )
+        except jwt.PyJWTError as exc:
+            return _json_error("invalid_grant", f"assertion rejected: {exc}")
+        if claims["exp"] - time.time() > 3600:
+            return _json_error("invalid_grant", "assertion lives longer than an hour")
+        jti = claims.get("jti")
+        if jti is not None:
+            if jti in self._seen_jti:
+                return _json_error("invalid_grant", "assertion jti was already used")
+            self._seen_jti.add(jti)
+        return str(claims["sub"])
 
     def _check_tls_client(self, client_id: str, peercert: Mapping[str, Any]) -> str | None:
         expected = self.tls_clients.get(client_id)
