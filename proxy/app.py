@@ -37,6 +37,7 @@ from proxy.ops.throttled_log import ThrottledLog
 from proxy.tls.intercept import TlsInterceptor
 from proxy.tokens import TokenProvider
 from proxy.tokens.cache_crypto import CacheKeys
+from proxy.tokens.endpoint import SessionPool
 from proxy.tokens.shared_cache import CacheBackend, SharedSlot
 
 log = logging.getLogger("token_proxy.app")
@@ -82,8 +83,10 @@ class ProxyApp:
         # The fleet token cache (token_cache), if configured; fixed until a restart.
         self.token_cache: CacheBackend | None = None
         self._cache_keys: CacheKeys | None = None
-        # One semaphore per token endpoint, shared by the providers that use it.
+        # One semaphore per token endpoint, shared by the providers that use it, and the
+        # sessions to token endpoints, shared by providers with the same TLS settings.
         self._fetch_slots: dict[str, asyncio.Semaphore] = {}
+        self._token_sessions = SessionPool(config.token_endpoint_concurrency)
 
     # -- HealthSource (read by the admin endpoints) --------------------------
 
@@ -154,6 +157,7 @@ class ProxyApp:
             allow_insecure_http=upstream.allow_insecure_http,
             shared=shared,
             fetch_slots=self._fetch_slots_for(upstream.token),
+            sessions=self._token_sessions,
         )
         await provider.start()
         return provider

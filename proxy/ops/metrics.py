@@ -8,7 +8,10 @@ never a raw host or path. Series for known label values are created by
 the first failure, which is what alert expressions such as ``increase()`` need.
 
 A `Metrics` owns its `CollectorRegistry`, so tests build a fresh one each. No metric has
-a `*_created` series.
+a `*_created` series. The families updated per request (`RequestStats`, here) and the
+token families (`TokenStats`, in `proxy.ops.token_metrics`) are plain numbers per
+upstream turned into metric families at scrape time: cheap to update, and small when
+there are many upstreams.
 
 The fleet token cache's families (``token_proxy_token_cache_*``) are registered only by
 `Metrics.enable_token_cache`, when a ``token_cache`` is configured: a proxy without one
@@ -25,7 +28,6 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     Info,
     disable_created_metrics,
 )
@@ -33,7 +35,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 
 from proxy import __version__, data_path_build
-from proxy.errors import TOKEN_FETCH_FAILURE_REASONS
+from proxy.ops.token_metrics import TokenStats
 
 # The fleet token cache's label values (see proxy/tokens/shared_cache.py).
 TOKEN_CACHE_LOOKUP_RESULTS: Final = ("hit", "miss", "error")
@@ -55,9 +57,6 @@ UNMATCHED: Final = "unmatched"
 # histogram: twice the series per upstream, which no dashboard or alert reads.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-# Token endpoints answer in tens of milliseconds when healthy; the upper buckets
-# exist to show a struggling one before the client timeout (default 10 s) fires.
-TOKEN_FETCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Proxied requests: from a loopback hop (~1 ms) to a slow upstream.
 REQUEST_BUCKETS: Final[tuple[float, ...]] = (
     0.001,
@@ -87,43 +86,10 @@ class Metrics:
         r = self.registry
         self.build_info = Info("token_proxy_build", "Build information.", registry=r)
         self.build_info.info({"version": __version__, "data_path": data_path_build()})
-        self.token_fetches = Counter(
-            "token_proxy_token_fetches_total",
-            "Token requests made to the token endpoint, by outcome.",
-            ["upstream", "outcome"],
-            registry=r,
-        )
-        self.token_fetch_failures = Counter(
-            "token_proxy_token_fetch_failures_total",
-            "Failed token requests, by reason.",
-            ["upstream", "reason"],
-            registry=r,
-        )
-        self.token_fetch_duration = Histogram(
-            "token_proxy_token_fetch_duration_seconds",
-            "Duration of token requests.",
-            ["upstream"],
-            buckets=TOKEN_FETCH_BUCKETS,
-            registry=r,
-        )
-        self.token_expiry_timestamp = Gauge(
-            "token_proxy_token_expiry_timestamp_seconds",
-            "Unix time at which the cached token expires (0 when there is none).",
-            ["upstream"],
-            registry=r,
-        )
-        self.token_expires_in = Gauge(
-            "token_proxy_token_expires_in_seconds",
-            "Seconds until the cached token expires (0 when there is none or it expired).",
-            ["upstream"],
-            registry=r,
-        )
-        self.token_lifetime_clamped = Counter(
-            "token_proxy_token_lifetime_clamped_total",
-            "Tokens whose lifetime was raised to the shortest lifetime the proxy gives one.",
-            ["upstream"],
-            registry=r,
-        )
+        # The token families: plain numbers per upstream, exported at scrape time (a
+        # prometheus-client child costs about a kilobyte, and there are many upstreams).
+        self.token_stats = TokenStats()
+        r.register(self.token_stats)
         # Counted per request on the hot path: plain integers, exported at scrape time.
         self.request_stats = RequestStats()
         r.register(self.request_stats)
@@ -238,36 +204,17 @@ class Metrics:
         self.request_stats.register(name)
         if not token:
             return
-        for outcome in ("success", "failure"):
-            self.token_fetches.labels(upstream=name, outcome=outcome)
-        for reason in TOKEN_FETCH_FAILURE_REASONS:
-            self.token_fetch_failures.labels(upstream=name, reason=reason)
-        self.token_fetch_duration.labels(upstream=name)
-        self.token_expiry_timestamp.labels(upstream=name).set(0)
-        self.token_expires_in.labels(upstream=name).set(0)
-        self.token_lifetime_clamped.labels(upstream=name)
+        self.token_stats.register(name)
         self.upstream_unauthorized_retries.labels(upstream=name)
         self.token_unavailable.labels(upstream=name)
 
     def forget_upstream(self, name: str) -> None:
         """Drop the series of an upstream removed by a config reload."""
         self.request_stats.forget(name)
-        for family in (
-            self.token_fetch_duration,
-            self.token_expiry_timestamp,
-            self.token_expires_in,
-            self.token_lifetime_clamped,
-            self.upstream_unauthorized_retries,
-            self.token_unavailable,
-        ):
+        self.token_stats.forget(name)
+        for family in (self.upstream_unauthorized_retries, self.token_unavailable):
             with contextlib.suppress(KeyError):
                 family.remove(name)
-        for outcome in ("success", "failure"):
-            with contextlib.suppress(KeyError):
-                self.token_fetches.remove(name, outcome)
-        for reason in TOKEN_FETCH_FAILURE_REASONS:
-            with contextlib.suppress(KeyError):
-                self.token_fetch_failures.remove(name, reason)
         with contextlib.suppress(KeyError):
             self.token_cache_write_failures.remove(name)
         for result in TOKEN_CACHE_LOOKUP_RESULTS:
@@ -300,13 +247,16 @@ class RequestStats(Collector):
     """
 
     def __init__(self) -> None:
+        # Counts are allocated at an upstream's first request (8 KiB each): a proxy with
+        # a thousand upstreams, most of them rarely used, does not carry them all.
         self._upstreams: dict[str, _UpstreamRequests] = {}
+        self._registered: set[str] = set()
 
     def register(self, upstream: str) -> None:
-        if upstream not in self._upstreams:
-            self._upstreams[upstream] = _UpstreamRequests()
+        self._registered.add(upstream)
 
     def forget(self, upstream: str) -> None:
+        self._registered.discard(upstream)
         self._upstreams.pop(upstream, None)
 
     def observe(self, upstream: str, status: int, seconds: float) -> None:
@@ -323,12 +273,16 @@ class RequestStats(Collector):
         stats.seconds += seconds
 
     def collect(self) -> Iterator[Metric]:
+        upstreams = sorted(self._registered.union(self._upstreams))
         requests = CounterMetricFamily(
             "token_proxy_requests",
             "Requests handled, by upstream (or 'unmatched') and response status code.",
             labels=["upstream", "code"],
         )
-        for upstream, stats in sorted(self._upstreams.items()):
+        for upstream in upstreams:
+            stats = self._upstreams.get(upstream)
+            if stats is None:
+                continue
             for status, count in enumerate(stats.by_status):
                 if count:
                     requests.add_metric([upstream, str(status)], count)
@@ -339,7 +293,12 @@ class RequestStats(Collector):
             labels=["upstream"],
         )
         bounds = [*[str(float(b)) for b in REQUEST_BUCKETS], "+Inf"]
-        for upstream, stats in sorted(self._upstreams.items()):
+        empty = [(bound, 0) for bound in bounds]
+        for upstream in upstreams:
+            stats = self._upstreams.get(upstream)
+            if stats is None:
+                duration.add_metric([upstream], empty, sum_value=0.0)
+                continue
             cumulative, total = [], 0
             for bound, count in zip(bounds, stats.buckets, strict=True):
                 total += count

@@ -1,52 +1,29 @@
-"""One upstream's token lifecycle: cache, single flight, proactive refresh, backoff.
-
-Policy:
+"""One upstream's token lifecycle: cache, single flight, proactive refresh, retries.
 
 * A background task fetches the first token at `start()` and renews it ahead of
-  expiry: at ``expiry - margin - jitter`` where the margin is ``refresh_before_expiry``
-  or else ``min(300 s, 20 % of the lifetime)``, never more than half the lifetime, and
-  the jitter (up to 5 % of the margin) keeps replicas from renewing in lockstep.
-  While a valid token is cached no request ever waits for a fetch.
+  expiry, when `proxy.tokens.schedule` says. While a valid token is held no request
+  ever waits for a fetch.
 * Single flight: whoever needs a fetch (the background task, `get()` on a cold start,
   `invalidate()`) joins the one in flight, so there is never more than one.
-* A failed fetch is retried with exponential backoff and full jitter (``retry_initial``
-  doubling up to ``retry_max``, never under 0.1 s), and never before a ``Retry-After``
-  (capped at 10 min). Meanwhile a still-valid token keeps being served; once it has
-  expired `get()` raises `TokenUnavailable` with the time to the next attempt. Requests
-  never cause fetches outside that schedule, and an expired token is never handed out.
-* With ``issuer`` the token endpoint is discovered before the first fetch, and again
-  before the attempt that follows a failed one.
+* A failed fetch is retried when `schedule.retry_delay` says: backoff with full jitter,
+  fitted to the held token's remaining life while there is one. Meanwhile a
+  still-valid token keeps being served; once it has expired `get()` raises
+  `TokenUnavailable` with the time to the next attempt. Requests never cause fetches
+  outside that schedule, and an expired token is never handed out.
 * A token's lifetime counts from the moment its request was sent, on the monotonic
-  `clock`: a step of the wall clock changes no expiry and no schedule (the token
-  client measures lifetimes without the wall clock wherever the answer allows).
-* Lifetimes shorter than `MIN_LIFETIME` are raised to it, counted in
-  ``token_proxy_token_lifetime_clamped_total`` and logged once per change: no answer
-  from a token endpoint can make the proxy fetch a token per request. The refresh
-  margin is at most half the (clamped) lifetime, so even such a token is renewed
-  about every ``MIN_LIFETIME / 2`` seconds at most.
+  `clock` (injectable for tests): a step of the wall clock changes no expiry and no
+  schedule. The gauges and `status()` add wall-clock views, read when they are read.
+* Lifetimes shorter than `MIN_LIFETIME` are raised to it (counted, logged once per
+  change): no answer can make the proxy fetch a token per request.
 
-Expiry is kept on the monotonic `clock` (injectable for tests); the Prometheus gauges
-and `status()` add wall-clock views of it, read from `wall_clock` when they are read.
+The rest is delegated: the session to the token endpoint and its discovery
+(`proxy.tokens.endpoint`), the account of fetches, their metrics and log lines
+(`proxy.tokens.fetch_record`), and with a `SharedSlot` the fleet token cache, consulted
+by the fetch task before every token request and never on the request path
+(`proxy.tokens.fleet_sync`). `fetch_slots`, shared by the providers of one token
+endpoint, bounds the token requests in flight to it (``token_endpoint_concurrency``); `sessions`
+lets providers share their sessions (and keep-alive connections) to token endpoints.
 Tokens and secrets never reach a log line, a metric or `status()`.
-
-With a `SharedSlot` (the fleet token cache, `proxy.tokens.shared_cache`) every fetch
-goes through the cache first, in the background task, never on the request path:
-
-* read the shared entry, and take its token if it is still valid beyond the refresh
-  margin on this replica's wall clock (and is neither the token held nor one an
-  upstream refused);
-* otherwise take the credential's lock, or wait up to ``lock_timeout`` for the new
-  entry of the replica that holds it; then request a token (with the lock, or on
-  our own once the wait is over or the cache failed) and write it back.
-
-Refreshes coordinate by themselves: every replica holding a token plans its renewal
-at ``expiry - margin - jitter``; the first to get there finds the entry it already
-holds, takes the lock and renews; the others, a jittered moment later, find the
-renewed entry and take it. A 401 removes the shared entry only if it still holds the
-refused token (`SharedSlot.purge`). A cache that fails is counted and bypassed.
-
-`fetch_slots`, shared by the providers of one token endpoint, bounds how many token
-requests are in flight to it at once (``token_endpoint_concurrency``).
 """
 
 from __future__ import annotations
@@ -59,17 +36,15 @@ import time
 import weakref
 from collections.abc import Callable
 
-import aiohttp
-
-from proxy import __version__
 from proxy.config import TokenConfig
-from proxy.errors import TokenEndpointUnreachable, TokenFetchError, TokenUnavailable
+from proxy.errors import TokenFetchError, TokenUnavailable
 from proxy.ops.metrics import Metrics
-from proxy.tls.client_context import client_ssl_context
-from proxy.tokens.cache_crypto import CacheEntry
-from proxy.tokens.client import TokenClient, TokenResponse, display_url
+from proxy.tokens import schedule
+from proxy.tokens.client import TokenResponse
 from proxy.tokens.clock import wall_time
-from proxy.tokens.discovery import discover_token_endpoint
+from proxy.tokens.endpoint import EndpointAccess, SessionPool
+from proxy.tokens.fetch_record import FetchRecord
+from proxy.tokens.fleet_sync import FleetSync, remaining_life
 from proxy.tokens.held_token import HeldToken
 from proxy.tokens.shared_cache import LockHeld, SharedEntry, SharedSlot
 
@@ -77,24 +52,13 @@ __all__ = ["TokenProvider"]
 
 log = logging.getLogger("token_proxy.tokens")
 
-DEFAULT_MARGIN_MAX = 300.0
-DEFAULT_MARGIN_FRACTION = 0.2
-# A configured margin longer than the token's life would renew it continuously.
-MARGIN_MAX_FRACTION = 0.5
-REFRESH_JITTER_FRACTION = 0.05
-# Even an absurdly short-lived token is not renewed in a tight loop.
-MIN_REFRESH_DELAY = 0.5
 # The shortest lifetime a token is given, whatever its answer said (`expires_in: 0.001`):
 # below real-world lifetimes (a minute or more), above a fetch per request.
 MIN_LIFETIME = 10.0
-# The upstream checks `exp` on its own clock after the request has travelled: a token
-# this close to its expiry is no longer handed out (cf. golang.org/x/oauth2 expiryDelta).
-EXPIRY_LEEWAY_MAX = 5.0
-EXPIRY_LEEWAY_FRACTION = 0.05
-RETRY_FLOOR = 0.1
-RETRY_AFTER_MAX = 600.0
 # An upstream that rejects every token must not turn each request into a token fetch.
 INVALIDATE_INTERVAL = 5.0
+# Jitter only: one generator for every provider (each of its own costs 2.5 KiB of state).
+_SHARED_RNG = random.Random()
 
 
 class TokenProvider:
@@ -113,47 +77,40 @@ class TokenProvider:
         invalidate_interval: float = INVALIDATE_INTERVAL,
         shared: SharedSlot | None = None,
         fetch_slots: asyncio.Semaphore | None = None,
+        sessions: SessionPool | None = None,
     ) -> None:
         self.upstream = upstream
         self._config = config
-        self._metrics = metrics
-        self._allow_insecure_http = allow_insecure_http
         self._clock = clock
         self._wall_clock = wall_clock
-        self._rng = rng if rng is not None else random.Random()
+        self._rng = rng if rng is not None else _SHARED_RNG
         self._invalidate_interval = invalidate_interval
-        self._shared = shared
         self._fetch_slots = fetch_slots
 
         # The token, and until when (monotonic: expiry minus leeway) it may be sent.
         self.held = HeldToken(clock)
         self._expires_at = -math.inf  # monotonic
         self._lifetime = 0.0  # of the held token, as given (after the floor)
-        self._lifetime_clamped = False
         self._refresh_at = math.inf  # monotonic
         self._next_attempt_at = -math.inf  # monotonic: backoff, no attempt before this
         self._last_invalidation = -math.inf
 
-        self._consecutive_failures = 0
-        self._fetches = 0
-        self._failed_fetches = 0
-        self._last_error: TokenFetchError | None = None
-        self._last_error_time: float | None = None
-        self._last_fetch_time: float | None = None
-        self._last_success_time: float | None = None
-        self._last_fetch_duration: float | None = None
-        # The fleet cache: where the held token came from, the exact shared value that
-        # holds it (for the 401 purge), a value to purge, and the token refused last.
+        self._record = FetchRecord(upstream, metrics, wall_clock)
+        # Where the held token came from: "fetched" or "shared_cache".
         self._token_source: str | None = None
-        self._shared_value: bytes | None = None
-        self._purge_value: bytes | None = None
-        self._refused_token: str | None = None
-        self._shared_hits = 0
+        self._fleet = (
+            None
+            if shared is None
+            else FleetSync(shared, self.held, margin=self._margin, wall_clock=wall_clock)
+        )
 
-        self._token_endpoint: str | None = config.token_url
-        self._rediscover = False
-        self._session: aiohttp.ClientSession | None = None
-        self._client: TokenClient | None = None
+        self._endpoint = EndpointAccess(
+            upstream,
+            config,
+            allow_insecure_http=allow_insecure_http,
+            wall_clock=wall_clock,
+            sessions=sessions,
+        )
         self._fetch_task: asyncio.Task[None] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -161,11 +118,10 @@ class TokenProvider:
 
         # Weak references: a replaced provider must not be kept alive by the registry.
         this = weakref.ref(self)
-        metrics.token_expires_in.labels(upstream=upstream).set_function(
-            lambda: provider._seconds_left() if (provider := this()) else 0.0
-        )
-        metrics.token_expiry_timestamp.labels(upstream=upstream).set_function(
-            lambda: provider._expiry_timestamp() if (provider := this()) else 0.0
+        metrics.token_stats.watch(
+            upstream,
+            expires_in=lambda: provider._seconds_left() if (provider := this()) else 0.0,
+            expiry=lambda: provider._expiry_timestamp() if (provider := this()) else 0.0,
         )
 
     # -- lifecycle ---------------------------------------------------------------
@@ -185,9 +141,7 @@ class TokenProvider:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._runner = self._fetch_task = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = self._client = None
+        await self._endpoint.close()
 
     # -- the request path ----------------------------------------------------------
 
@@ -250,9 +204,9 @@ class TokenProvider:
             )
             return
         self._last_invalidation = now
-        self._refused_token = token
-        # The purge runs in the next fetch, off the request path.
-        self._purge_value, self._shared_value = self._shared_value, None
+        if self._fleet is not None:
+            # The purge runs in the next fetch, off the request path.
+            self._fleet.refused(token)
         self.held.drop()
         log.info(
             "upstream %s rejected its token; fetching a new one",
@@ -267,7 +221,7 @@ class TokenProvider:
         """JSON-safe state for /status; never a token or a secret."""
         now = self._clock()
         valid = self.is_valid()
-        failing = self._consecutive_failures > 0
+        failing = self._record.consecutive_failures > 0
         if self._closed:
             state = "closed"
         elif valid:
@@ -278,25 +232,14 @@ class TokenProvider:
             "state": state,
             "client_id": self._config.client_id,
             "auth_method": self._config.auth_method,
+            "grant": self._config.grant,
             "expires_in_seconds": _rounded(self._seconds_left()) if valid else None,
             "refresh_in_seconds": _rounded(self._next_fetch_in(now)),
-            "last_fetch_time": self._last_fetch_time,
-            "last_success_time": self._last_success_time,
-            "last_fetch_duration_seconds": _rounded(self._last_fetch_duration),
-            "last_error": None
-            if self._last_error is None
-            else {
-                "reason": self._last_error.reason,
-                "message": self._last_error.message,
-                "time": self._last_error_time,
-            },
-            "consecutive_failures": self._consecutive_failures,
-            "fetches": self._fetches,
-            "failed_fetches": self._failed_fetches,
+            **self._record.fields(),
             "token_source": self._token_source if valid else None,
-            "token_cache": "local" if self._shared is None else "shared",
-            "shared_cache_hits": self._shared_hits,
-            "token_endpoint": display_url(self._token_endpoint) if self._token_endpoint else None,
+            "token_cache": "local" if self._fleet is None else "shared",
+            "shared_cache_hits": 0 if self._fleet is None else self._fleet.hits,
+            "token_endpoint": self._endpoint.display(),
         }
 
     # -- scheduling --------------------------------------------------------------
@@ -323,7 +266,7 @@ class TokenProvider:
         """Seconds until the next fetch is due (0: now)."""
         if self._fetch_task is not None:
             return 0.0
-        if self._consecutive_failures:
+        if self._record.consecutive_failures:
             return max(0.0, self._next_attempt_at - now)
         if self.held.token is None:
             return 0.0
@@ -343,13 +286,15 @@ class TokenProvider:
         started = time.perf_counter()
         lock: LockHeld | None = None
         try:
-            if self._shared is not None:
-                taken, lock = await self._through_cache(self._shared)
-                if taken:
+            if self._fleet is not None:
+                found, lock = await self._fleet.find()
+                if found is not None:
+                    if not self._closed:
+                        self._take_shared(found)
                     return
                 started = time.perf_counter()
-            client = self._ensure_client()
-            endpoint = await self._token_endpoint_for_attempt()
+            client = self._endpoint.client()
+            endpoint = await self._endpoint.endpoint_for_attempt()
             if self._fetch_slots is None:
                 sent_at = self._clock()
                 response = await client.fetch(endpoint)
@@ -370,271 +315,79 @@ class TokenProvider:
             self._record_failure(unexpected, time.perf_counter() - started)
         else:
             self._record_success(response, sent_at, time.perf_counter() - started)
-            if self._shared is not None:
-                await self._write_back(self._shared, response)
+            if self._fleet is not None:
+                await self._write_back(self._fleet, response)
         finally:
             try:
-                if lock is not None and self._shared is not None:
-                    await self._shared.release(lock)
+                if lock is not None and self._fleet is not None:
+                    await self._fleet.release(lock)
             finally:
                 self._fetch_task = None
                 self._wake.set()
 
     # -- the fleet cache -------------------------------------------------------------
 
-    async def _through_cache(self, shared: SharedSlot) -> tuple[bool, LockHeld | None]:
-        """Take a token from the shared cache if it has one; else the lock, if to be had.
-
-        (True, None): a token was taken. (False, lock or None): request one, holding
-        `lock` if not None.
-        """
-        if self._purge_value is not None:
-            value, self._purge_value = self._purge_value, None
-            if await shared.purge(value):
-                log.info(
-                    "removed the token %s refused from the shared cache",
-                    self.upstream,
-                    extra={"event": "token_cache_purge", "upstream": self.upstream},
-                )
-        found = await shared.lookup(self._acceptable)
-        if found is None:
-            outcome = await shared.lock_or_wait(self._acceptable)
-            if not isinstance(outcome, SharedEntry):
-                return False, outcome
-            found = outcome
-        if not self._closed:
-            self._take_shared(found)
-        return True, None
-
-    def _acceptable(self, entry: CacheEntry) -> bool:
-        """Whether a shared entry is worth taking: a token other than the one held or
-        refused, valid beyond its refresh margin on this replica's wall clock."""
-        if entry.access_token == self.held.token or entry.access_token == self._refused_token:
-            return False
-        remaining = min(entry.expires_at - self._wall_clock(), entry.lifetime)
-        return remaining > self._margin(entry.lifetime)
-
     def _take_shared(self, found: SharedEntry) -> None:
-        entry = found.entry
+        assert self._fleet is not None
         now = self._clock()
-        # A writer's clock behind ours cannot make a token live longer than its lifetime.
-        remaining = min(entry.expires_at - self._wall_clock(), entry.lifetime)
-        recovered_after = self._consecutive_failures
-        self._hold(entry.access_token, entry.lifetime, now + remaining, now)
+        remaining = remaining_life(found.entry, self._wall_clock())
+        recovered_after = self._record.consecutive_failures
+        self._hold(found.entry.access_token, found.entry.lifetime, now + remaining, now)
         self._token_source = "shared_cache"
-        self._shared_value = found.value
-        self._shared_hits += 1
-        self._last_success_time = self._wall_clock()
-        log.info(
-            "token for %s taken from the shared cache: expires in %.0f s, refresh in %.0f s%s",
-            self.upstream,
-            remaining,
-            self._refresh_at - now,
-            f" (recovered after {recovered_after} failures)" if recovered_after else "",
-            extra={
-                "event": "token_shared",
-                "upstream": self.upstream,
-                "expires_in": round(remaining, 1),
-                "refresh_in": round(self._refresh_at - now, 1),
-                "recovered_after_failures": recovered_after,
-            },
-        )
+        self._fleet.taken(found)
+        self._record.taken_from_cache(remaining, self._refresh_at - now, recovered_after)
 
-    async def _write_back(self, shared: SharedSlot, response: TokenResponse) -> None:
+    async def _write_back(self, fleet: FleetSync, response: TokenResponse) -> None:
         """Share the token just fetched, to expire from Redis when it expires."""
         if self._closed or self.held.token != response.access_token:
             return
         ttl = self._expires_at - self._clock()
-        entry = CacheEntry(
-            response.access_token,
-            response.token_type,
-            expires_at=self._wall_clock() + ttl,
-            lifetime=self._lifetime,
-        )
-        value = await shared.store(entry, ttl)
-        if self.held.token == response.access_token:
-            self._shared_value = value
-
-    def _ensure_client(self) -> TokenClient:
-        if self._client is not None:
-            return self._client
-        try:
-            ssl_context = client_ssl_context(self._config.tls)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise TokenEndpointUnreachable(f"TLS settings unusable: {detail}") from None
-        timeout = aiohttp.ClientTimeout(
-            total=self._config.timeout, sock_connect=self._config.connect_timeout
-        )
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=ssl_context, limit=4),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=timeout,
-            headers={"User-Agent": f"token-proxy/{__version__}"},
-            # Never through HTTP(S)_PROXY: in a sidecar's pod that may be this very proxy.
-            trust_env=False,
-        )
-        self._client = TokenClient(
-            self._config, self._session, upstream=self.upstream, wall_clock=self._wall_clock
-        )
-        return self._client
-
-    async def _token_endpoint_for_attempt(self) -> str:
-        issuer = self._config.issuer
-        if issuer is None:
-            if self._token_endpoint is None:
-                raise TokenFetchError("neither token_url nor issuer is configured")
-            return self._token_endpoint
-        if self._token_endpoint is None or self._rediscover:
-            assert self._session is not None
-            try:
-                self._token_endpoint = await discover_token_endpoint(
-                    self._session, issuer, allow_insecure_http=self._allow_insecure_http
-                )
-                self._rediscover = False
-            except TokenFetchError as error:
-                if self._token_endpoint is None:
-                    raise
-                log.warning(
-                    "rediscovery for %s failed (%s); using the last known token endpoint",
-                    self.upstream,
-                    error.message,
-                    extra={"event": "token_discovery", "upstream": self.upstream},
-                )
-        return self._token_endpoint
+        await fleet.share(response.access_token, response.token_type, ttl, self._lifetime)
 
     def _hold(self, token: str, lifetime: float, expires_at: float, now: float) -> None:
         """Hold `token` until `expires_at` (monotonic) and plan its renewal."""
-        leeway = min(EXPIRY_LEEWAY_MAX, lifetime * EXPIRY_LEEWAY_FRACTION)
+        leeway = schedule.expiry_leeway(lifetime)
         margin = self._margin(lifetime)
-        jitter = self._rng.uniform(0.0, REFRESH_JITTER_FRACTION * margin)
+        jitter = self._rng.uniform(0.0, schedule.REFRESH_JITTER_FRACTION * margin)
         self._expires_at = expires_at
         self._lifetime = lifetime
         if not self._closed:
             self.held.hold(token, expires_at - leeway)
-        self._refresh_at = max(expires_at - margin - jitter, now + MIN_REFRESH_DELAY)
-        self._consecutive_failures = 0
+        self._refresh_at = schedule.refresh_time(expires_at, now, margin, jitter)
+        self._record.consecutive_failures = 0
         self._next_attempt_at = -math.inf
-        self._rediscover = False
+        self._endpoint.rediscover_next(False)
 
     def _margin(self, lifetime: float) -> float:
         """How long before expiry a token of `lifetime` is renewed (never within the leeway)."""
-        leeway = min(EXPIRY_LEEWAY_MAX, lifetime * EXPIRY_LEEWAY_FRACTION)
-        return max(self._refresh_margin(lifetime), leeway)
+        return schedule.refresh_margin(lifetime, self._config.refresh_before_expiry)
 
     def _record_success(self, response: TokenResponse, sent_at: float, duration: float) -> None:
         now = self._clock()
-        lifetime = self._floored_lifetime(response)
-        recovered_after = self._consecutive_failures
+        lifetime = self._record.floored_lifetime(response, MIN_LIFETIME)
+        recovered_after = self._record.consecutive_failures
         # Lifetimes count from when the request was sent: the conservative end.
         self._hold(response.access_token, lifetime, sent_at + lifetime, now)
         self._token_source = "fetched"
-        self._shared_value = None
-        self._fetches += 1
-        self._last_fetch_time = self._last_success_time = self._wall_clock()
-        self._last_fetch_duration = duration
-
-        self._metrics.token_fetches.labels(upstream=self.upstream, outcome="success").inc()
-        self._metrics.token_fetch_duration.labels(upstream=self.upstream).observe(duration)
-        log.info(
-            "token fetched for %s: expires in %.0f s (%s), refresh in %.0f s%s",
-            self.upstream,
-            lifetime,
-            response.lifetime_source,
-            self._refresh_at - now,
-            f" (recovered after {recovered_after} failures)" if recovered_after else "",
-            extra={
-                "event": "token_fetch",
-                "upstream": self.upstream,
-                "outcome": "success",
-                "duration_ms": round(duration * 1000, 1),
-                "expires_in": round(lifetime, 1),
-                "lifetime_source": response.lifetime_source,
-                "refresh_in": round(self._refresh_at - now, 1),
-                "recovered_after_failures": recovered_after,
-            },
-        )
-
-    def _floored_lifetime(self, response: TokenResponse) -> float:
-        """The answer's lifetime, raised to `MIN_LIFETIME`; counted, and logged per change."""
-        declared = response.expires_in
-        clamped = declared < MIN_LIFETIME
-        extra = {"event": "token_lifetime_clamped", "upstream": self.upstream}
-        if clamped:
-            self._metrics.token_lifetime_clamped.labels(upstream=self.upstream).inc()
-            if not self._lifetime_clamped:
-                log.warning(
-                    "token for %s lives %.3g s (%s); using it for %.0f s, the shortest "
-                    "lifetime given, so that it is not fetched for every request",
-                    self.upstream,
-                    declared,
-                    response.lifetime_source,
-                    MIN_LIFETIME,
-                    extra={**extra, "declared_lifetime": declared, "lifetime": MIN_LIFETIME},
-                )
-        elif self._lifetime_clamped:
-            log.info(
-                "token for %s lives %.0f s again, no longer raised to the shortest lifetime",
-                self.upstream,
-                declared,
-                extra={**extra, "declared_lifetime": declared, "lifetime": declared},
-            )
-        self._lifetime_clamped = clamped
-        return max(declared, MIN_LIFETIME)
-
-    def _refresh_margin(self, lifetime: float) -> float:
-        configured = self._config.refresh_before_expiry
-        if configured is None:
-            margin = min(DEFAULT_MARGIN_MAX, DEFAULT_MARGIN_FRACTION * lifetime)
-        else:
-            margin = configured
-        return min(margin, MARGIN_MAX_FRACTION * lifetime)
+        if self._fleet is not None:
+            self._fleet.fetched()
+        self._record.fetched(response, lifetime, duration, self._refresh_at - now, recovered_after)
 
     def _record_failure(self, error: TokenFetchError, duration: float) -> None:
-        self._consecutive_failures += 1
-        self._failed_fetches += 1
-        self._last_error = error
-        self._last_fetch_time = self._last_error_time = self._wall_clock()
-        self._last_fetch_duration = duration
-        retry_in = self._backoff(error)
-        self._next_attempt_at = self._clock() + retry_in
-        self._rediscover = self._config.issuer is not None
-
-        self._metrics.token_fetches.labels(upstream=self.upstream, outcome="failure").inc()
-        self._metrics.token_fetch_failures.labels(upstream=self.upstream, reason=error.reason).inc()
-        self._metrics.token_fetch_duration.labels(upstream=self.upstream).observe(duration)
-        serving = self.is_valid()
-        log.log(
-            logging.WARNING if serving else logging.ERROR,
-            "token fetch for %s failed (%s): %s; %d consecutive failure(s), next attempt in "
-            "%.1f s, %s",
-            self.upstream,
-            error.reason,
-            error.message,
-            self._consecutive_failures,
-            retry_in,
-            "still serving the cached token" if serving else "no valid token",
-            extra={
-                "event": "token_fetch",
-                "upstream": self.upstream,
-                "outcome": "failure",
-                "reason": error.reason,
-                "error": error.message,
-                "duration_ms": round(duration * 1000, 1),
-                "consecutive_failures": self._consecutive_failures,
-                "retry_in": round(retry_in, 2),
-                "serving_cached_token": serving,
-            },
+        self._record.failed(error, duration)
+        now = self._clock()
+        serving = self.held.current() is not None
+        retry_in = schedule.retry_delay(
+            self._record.consecutive_failures,
+            retry_initial=self._config.retry_initial,
+            retry_max=self._config.retry_max,
+            retry_after=error.retry_after,
+            token_left=self.held.usable_until - now if serving else None,
+            rng=self._rng,
         )
-
-    def _backoff(self, error: TokenFetchError) -> float:
-        """Full-jitter exponential backoff, floored, and never before a Retry-After."""
-        exponent = min(self._consecutive_failures - 1, 62)
-        ceiling = min(self._config.retry_max, self._config.retry_initial * 2.0**exponent)
-        delay = max(RETRY_FLOOR, self._rng.uniform(0.0, ceiling))
-        if error.retry_after is not None:
-            delay = max(delay, min(error.retry_after, RETRY_AFTER_MAX))
-        return delay
+        self._next_attempt_at = now + retry_in
+        self._endpoint.rediscover_next(True)
+        self._record.log_failure(error, duration, retry_in, serving)
 
     # -- views -------------------------------------------------------------------
 
@@ -647,12 +400,12 @@ class TokenProvider:
         if self._fetch_task is not None:
             retry_after = 1.0
         else:
-            retry_after = max(RETRY_FLOOR, self._next_attempt_at - now)
+            retry_after = max(schedule.RETRY_FLOOR, self._next_attempt_at - now)
         detail = f"no valid token for upstream {self.upstream}"
         if self._fetch_task is not None:
             detail += ": the token request is taking long"
-        elif self._last_error is not None and self._consecutive_failures:
-            detail += f": {self._last_error.reason}: {self._last_error.message}"
+        elif (error := self._record.last_error) is not None and self._record.consecutive_failures:
+            detail += f": {error.reason}: {error.message}"
         return TokenUnavailable(detail, upstream=self.upstream, retry_after=retry_after)
 
     def _seconds_left(self) -> float:

@@ -108,6 +108,10 @@ return 0
 """
 
 
+# Jitter of the lock waits: one generator for every slot.
+_SHARED_RNG = random.Random()
+
+
 class CacheUnavailable(Exception):
     """The cache could not answer this time; the caller goes on without it."""
 
@@ -356,7 +360,7 @@ class SharedSlot:
         self.upstream = upstream
         self._config = config
         self._metrics = metrics
-        self._rng = rng if rng is not None else random.Random()
+        self._rng = rng if rng is not None else _SHARED_RNG
         self._clock = clock
         cache = backend.config
         self.lock_timeout = cache.lock_timeout

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from proxy.tokens.endpoint import SessionPool
 from tests.support.configs import StartProxy, proxy_config, token_config, upstream_config
 from tests.support.token_server import TokenServer
 from tests.support.waiting import eventually
@@ -50,3 +51,25 @@ async def test_first_fetches_of_many_upstreams_respect_the_endpoint_concurrency(
     watcher.cancel()
     assert token_server.fetch_count == 40
     assert peak <= 3
+    # One session (and its few keep-alive connections) for the 40, not one each.
+    assert len(app._token_sessions) == 1
+
+
+async def test_sessions_are_shared_by_equal_settings_and_closed_by_the_last_user(
+    token_server: TokenServer,
+) -> None:
+    pool = SessionPool(4)
+    first, second = token_config(token_server), token_config(token_server, scope=("other",))
+    other_timeout = token_config(token_server, timeout=7.0)
+    shared = pool.acquire(first)
+    assert pool.acquire(second) is shared
+    separate = pool.acquire(other_timeout)
+    assert separate is not shared
+    assert len(pool) == 2
+    await pool.release(first, shared)
+    assert not shared.closed
+    await pool.release(second, shared)
+    await pool.release(other_timeout, separate)
+    assert shared.closed
+    assert separate.closed
+    assert len(pool) == 0
