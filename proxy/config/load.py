@@ -87,6 +87,10 @@ def _proxy(reader: Reader, document: object) -> ProxyConfig:
         log_level=top.with_default("log_level", one_of(_LOG_LEVELS), defaults.log_level),
         log_format=top.with_default("log_format", one_of(_LOG_FORMATS), defaults.log_format),
         access_log=top.with_default("access_log", boolean, defaults.access_log),
+        via=top.with_default("via", boolean, defaults.via),
+        allow_link_local_targets=top.with_default(
+            "allow_link_local_targets", boolean, defaults.allow_link_local_targets
+        ),
         shutdown_grace_period=top.with_default(
             "shutdown_grace_period", duration, defaults.shutdown_grace_period
         ),

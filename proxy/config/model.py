@@ -237,6 +237,11 @@ class ProxyConfig:
     log_level: str = "info"
     log_format: LogFormat = "text"
     access_log: bool = False
+    # RFC 9110 §7.6.3: `Via: 1.1 token-proxy` on forwarded requests and responses.
+    via: bool = True
+    # Passthrough requests and tunnels to link-local and cloud-metadata addresses
+    # (169.254.0.0/16, fe80::/10, 169.254.169.254, metadata.google.internal, ...).
+    allow_link_local_targets: bool = False
     shutdown_grace_period: float = 20.0
     token_cache: TokenCacheConfig | None = None  # None: every process on its own
     # At most this many token requests in flight to one token endpoint at once.

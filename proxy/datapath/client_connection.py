@@ -18,7 +18,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 import httptools
 
@@ -67,6 +67,20 @@ _HTTP2_NOT_SUPPORTED = (
     + _H2_DEBUG
 )
 
+_CR: Final = 13
+_LF: Final = 10
+# Where a message began, when not at an offset of the current read.
+_EARLIER_READ: Final = -1
+_UNKNOWN: Final = -2
+# RFC 9112 §7.1 sets no limit; 16 hex digits are 64 bits, the most any parser on the way
+# holds (llhttp checks the value only, so `00000000000000005` passes it).
+MAX_CHUNK_SIZE_DIGITS: Final = 16
+_HEX_DIGITS: Final = frozenset(b"0123456789abcdefABCDEF")
+# Chunk-size line states of `ChunkSizes`.
+_SIZE_LINE: Final = 0
+_DATA: Final = 1
+_TRAILER_LINE: Final = 2
+
 # A request body buffered beyond this pauses reading from the client until it drains.
 BODY_HIGH_WATER = 256 * 1024
 BODY_LOW_WATER = 64 * 1024
@@ -95,24 +109,47 @@ class RawSink(Protocol):
 
 
 class RequestBody:
-    """The body of one request, streamed from the client with bounded buffering."""
+    """The body of one request, streamed from the client with bounded buffering.
 
-    __slots__ = ("_chunks", "_conn", "_error", "_size", "_waiter", "done", "received")
+    A body `held_whole` (chunked, with `limits.max_body_size` set) is read to its end,
+    up to that limit, before its request is sent on: only then is it known not to be
+    refused, and a request that will be refused must not reach the upstream.
+    """
 
-    def __init__(self, conn: ClientConnection) -> None:
+    __slots__ = (
+        "_chunks",
+        "_conn",
+        "_error",
+        "_failed",
+        "_high_water",
+        "_size",
+        "_waiter",
+        "done",
+        "held_whole",
+        "received",
+    )
+
+    def __init__(self, conn: ClientConnection, hold_up_to: int | None = None) -> None:
         self._conn = conn
         self._chunks: deque[bytes] = deque()
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
+        self._failed: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
         self.done = False
         self.received = 0
+        self.held_whole = hold_up_to is not None
+        # A body held whole is never paused below its limit (it could not end then).
+        high_water = BODY_HIGH_WATER
+        if hold_up_to is not None and hold_up_to > high_water:
+            high_water = hold_up_to
+        self._high_water = high_water
 
     def feed(self, data: bytes) -> None:
         self._chunks.append(data)
         self._size += len(data)
         self.received += len(data)
-        if self._size > BODY_HIGH_WATER:
+        if self._size > self._high_water:
             self._conn.pause_reading()
         self._wake()
 
@@ -125,6 +162,37 @@ class RequestBody:
             self._error = error
             self.done = True
             self._wake()
+            failed = self._failed
+            if failed is not None and not failed.done():
+                failed.set_result(None)
+
+    def failure(self) -> ProxyError | None:
+        """Why the body failed (too large, malformed, the client went), or None."""
+        error = self._error
+        if error is None or isinstance(error, ProxyError):
+            return error
+        return BadRequest("the client closed the connection before the request body ended")
+
+    def failed(self) -> asyncio.Future[None]:
+        """Resolved when the body fails (at once if it has)."""
+        failed = self._failed
+        if failed is None:
+            failed = self._failed = asyncio.get_running_loop().create_future()
+            if self._error is not None:
+                failed.set_result(None)
+        return failed
+
+    async def whole(self) -> None:
+        """Until the body has arrived whole (it stays buffered); its failure if it fails."""
+        while not self.done:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        failure = self.failure()
+        if failure is not None:
+            raise failure
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -148,6 +216,65 @@ class RequestBody:
         if self._size < BODY_LOW_WATER:
             self._conn.resume_reading()
         return data
+
+
+class ChunkSizes:
+    """Reads the framing of a chunked request body, ahead of llhttp, to refuse chunk
+    sizes of more than `MAX_CHUNK_SIZE_DIGITS` hex digits.
+
+    llhttp checks the syntax (and refuses what breaks it); this follows the same bytes
+    from the first chunk-size line: a size line, that many bytes of data and CRLF, and
+    so on to the last chunk and its trailer section, whose end it records (`end`, an
+    offset in the read it ended in).
+    """
+
+    __slots__ = ("_left", "_line", "_state", "end", "finished")
+
+    def __init__(self) -> None:
+        self._state = _SIZE_LINE
+        self._line = b""  # the start of a line split across reads (enough to read a size)
+        self._left = 0  # data bytes and their CRLF still to come
+        self.end = -1
+        self.finished = False
+
+    def scan(self, data: bytes, pos: int) -> None:
+        """Follow `data` from `pos`; BadRequest at a chunk size that is too long."""
+        length = len(data)
+        while pos < length and not self.finished:
+            if self._state == _DATA:
+                step = min(self._left, length - pos)
+                pos += step
+                self._left -= step
+                if not self._left:
+                    self._state = _SIZE_LINE
+                continue
+            lf = data.find(b"\n", pos)
+            line = self._line + data[pos : pos + MAX_CHUNK_SIZE_DIGITS + 2]
+            if lf < 0:
+                self._line = line[: MAX_CHUNK_SIZE_DIGITS + 2]
+                return
+            line = line[: len(self._line) + lf + 1 - pos]
+            self._line = b""
+            pos = lf + 1
+            if self._state == _TRAILER_LINE:
+                if line == b"\r\n":  # the blank line that ends the message
+                    self.finished = True
+                    self.end = pos
+                continue
+            digits = 0
+            while digits < len(line) and line[digits] in _HEX_DIGITS:
+                digits += 1
+            if digits > MAX_CHUNK_SIZE_DIGITS:
+                raise BadRequest(f"chunk size of more than {MAX_CHUNK_SIZE_DIGITS} hex digits")
+            if not digits:
+                self.finished = True  # llhttp refuses the line
+                return
+            size = int(line[:digits], 16)
+            if size:
+                self._left = size + 2
+                self._state = _DATA
+            else:
+                self._state = _TRAILER_LINE
 
 
 class RequestHandler(Protocol):
@@ -180,6 +307,8 @@ class ClientConnection(FlowControlledProtocol):
         # Room for the method, the target and the version: all of a request line that
         # _http_version reads (a target longer than the limit is refused anyway).
         self._request_line_room = limits.max_request_line + 64
+        # Reads larger than the most a head may hold are parsed in pieces of that size.
+        self._read_slice = limits.max_request_line + limits.max_header_size
         self._max_header_size = limits.max_header_size
         self._max_headers = limits.max_headers
         self._max_body_size = limits.max_body_size
@@ -203,6 +332,19 @@ class ClientConnection(FlowControlledProtocol):
         # message that began there, that chunk (see _http_version).
         self._chunk_at_message_start: bytes | None = None
         self._message_start_chunk: bytes | None = None
+        # Where things are in the bytes being parsed, for reading chunk-size lines ahead
+        # of llhttp (`ChunkSizes`), which reports no offsets: the current read (while it
+        # is parsed); where the message under way began in it (or `_EARLIER_READ`, and
+        # then `_carried` is the state that read began in, or `_UNKNOWN`); the last bytes
+        # of an unfinished head; the message's body length (-1: chunked) and how much of
+        # its body earlier reads brought.
+        self._read = b""
+        self._message_offset = 0
+        self._carried = AWAITING_REQUEST
+        self._head_tail = b""
+        self._body_length = 0
+        self._body_read_before = 0
+        self._chunk_sizes: ChunkSizes | None = None
         self._body: RequestBody | None = None
         self._parsing_error: ProxyError | None = None
         self._raw_sink: RawSink | None = None
@@ -231,6 +373,14 @@ class ClientConnection(FlowControlledProtocol):
 
     def data_received(self, data: bytes) -> None:
         state = self.state
+        size = self._read_slice
+        if len(data) > size and state < STOPPED:
+            # A head is measured from the read after the one it began in (below): a read
+            # holding a whole oversized head would not be. Fed in slices, a head that does
+            # not end in its first slice is measured from the second.
+            for start in range(0, len(data), size):
+                self.data_received(data[start : start + size])
+            return
         if state >= STOPPED:
             sink = self._raw_sink
             if sink is not None:
@@ -240,20 +390,42 @@ class ClientConnection(FlowControlledProtocol):
                 self._taken_over_tail += data
             return
         in_head = state == IN_HEAD
-        self._chunk_at_message_start = data if state == AWAITING_REQUEST else None
+        self._read = data
+        if state == AWAITING_REQUEST:
+            self._chunk_at_message_start = data
+        else:
+            self._chunk_at_message_start = None
+            # The message under way began in an earlier read.
+            self._message_offset = _EARLIER_READ
+            self._carried = state
+            if state != IN_HEAD:
+                body = self._body
+                if body is not None:
+                    self._body_read_before = body.received
+                chunks = self._chunk_sizes
+                if chunks is not None and not chunks.finished and self._body_length < 0:
+                    # Chunk-size lines are checked before llhttp reads on past them.
+                    try:
+                        chunks.scan(data, 0)
+                    except ProxyError as error:
+                        self._parse_failed(error)
+                        return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
+            self._read = b""
             self._taken_over_tail = data[upgrade.args[0] :]
             self._move(STOP_PARSING)
             self.pause_reading()
             return
         except httptools.HttpParserError as exc:
+            self._read = b""
             if _H2_PREFACE_ERROR in str(exc) and not self.busy and not self._queue:
                 self._refuse_http2()
                 return
             self._parse_failed(self._parsing_error or BadRequest(_parser_message(exc)))
             return
+        self._read = b""  # only the callbacks of this read look at it: not kept
         if self.state == IN_HEAD:
             if not self.header_deadline:
                 # A head began in these bytes and did not end in them (most heads do:
@@ -266,6 +438,10 @@ class ClientConnection(FlowControlledProtocol):
                 self._unfinished_head += len(data)
                 if self._unfinished_head > self._max_request_line + self._max_header_size:
                     self._parse_failed(HeadersTooLarge("request headers too large"))
+                    return
+            # The last bytes of an unfinished head, to find its end if it is split there.
+            tail = self._head_tail + data if in_head else data
+            self._head_tail = tail[-3:]
 
     def eof_received(self) -> bool | None:
         # True keeps our write side open after the client's half-close. A TLS transport
@@ -322,7 +498,12 @@ class ClientConnection(FlowControlledProtocol):
         if chunk is not None and len(chunk) > self._request_line_room:
             chunk = chunk[: self._request_line_room]  # kept until the head ends: no more
         self._message_start_chunk = chunk
-        self._chunk_at_message_start = None
+        if chunk is not None:
+            self._chunk_at_message_start = None
+            self._message_offset = 0
+        else:
+            # Another message ended in this read (pipelining): this one begins after it.
+            self._message_offset = self._end_of_last_message()
         self._move(MESSAGE_BEGIN)
         self._url = b""
         self._method = ""
@@ -392,6 +573,24 @@ class ClientConnection(FlowControlledProtocol):
                 )
                 raise self._parsing_error
             content_length = None
+        if chunked:
+            self._body_length = -1
+            if not parser.should_upgrade():
+                # llhttp takes a chunk size of any number of digits as long as its value
+                # fits 64 bits: the sizes are read here, ahead of it, before the head or
+                # any of the body is handed on.
+                chunks = self._chunk_sizes = ChunkSizes()
+                start = self._end_of_head()
+                if start >= 0:
+                    try:
+                        chunks.scan(self._read, start)
+                    except ProxyError as error:
+                        self._parsing_error = error
+                        raise
+                else:
+                    chunks.finished = True  # not located (never expected): not checked
+        else:
+            self._body_length = content_length or 0
         limit = self._max_body_size
         if limit is not None and content_length is not None and content_length > limit:
             # Refuse before anything goes upstream (RFC 9110 §15.5.14).
@@ -410,7 +609,9 @@ class ClientConnection(FlowControlledProtocol):
             upgrade_to=upgrade_to,
         )
         if head.has_body:
-            body: RequestBody | None = RequestBody(self)
+            # A chunked body's size is known at its end only: with a limit, it is held
+            # whole (up to the limit) before anything is sent upstream.
+            body: RequestBody | None = RequestBody(self, limit if chunked else None)
             self._body = body
         else:
             body = self._body = None
@@ -443,6 +644,42 @@ class ClientConnection(FlowControlledProtocol):
         if self._body is not None:
             self._body.finish()
             self._body = None
+
+    def _end_of_head(self) -> int:
+        """Where, in the current read, the head of the message under way ends (the
+        offset after its blank line), or -1 if it does not end in this read."""
+        data = self._read
+        start = self._message_offset
+        if start == _UNKNOWN:
+            return -1
+        if start == _EARLIER_READ:
+            # The head began in an earlier read: its blank line may be split across them.
+            tail = self._head_tail
+            probe = (tail + data[:3]).find(b"\r\n\r\n")
+            if probe >= 0:
+                return probe + 4 - len(tail)
+            start = 0
+        else:
+            # llhttp skips empty lines before a request line (RFC 9112 §2.2).
+            while start < len(data) and (data[start] == _CR or data[start] == _LF):
+                start += 1
+        end = data.find(b"\r\n\r\n", start)
+        return end + 4 if end >= 0 else -1
+
+    def _end_of_last_message(self) -> int:
+        """Where, in the current read, the message that has just ended ends: called when
+        another begins in the same read, before its state is replaced by the new one's.
+        `_UNKNOWN` if that cannot be told (then a chunked body after it is not checked)."""
+        length = self._body_length
+        if length < 0:
+            chunks = self._chunk_sizes
+            end = chunks.end if chunks is not None else -1
+            return end if end >= 0 else _UNKNOWN
+        if self._message_offset == _EARLIER_READ and self._carried != IN_HEAD:
+            # Its head ended in an earlier read: what was left of its body came first.
+            return length - self._body_read_before
+        end = self._end_of_head()
+        return end + length if end >= 0 else _UNKNOWN
 
     def _http_version(self) -> str:
         """The request's HTTP version, from its request line when the chunk that began

@@ -96,4 +96,7 @@ def frame_for_client(ctx: RequestContext, response: ResponseHead) -> tuple[bytes
     keep_alive = (
         ctx.head.keep_alive and not ctx.conn.listener.draining and (body is None or body.done)
     )
-    return frame_response(ctx.head, response, keep_alive=keep_alive)
+    plan = ctx.plan
+    return frame_response(
+        ctx.head, response, keep_alive=keep_alive, via=plan is not None and plan.via
+    )

@@ -85,8 +85,9 @@ class FastExchange(Exchange):
 
     def on_interim(self, head: ResponseHead) -> None:
         ctx = self.ctx
-        if ctx.head.version == _HTTP11:
-            write_interim(ctx.conn, head)
+        plan = ctx.plan
+        if ctx.head.version == _HTTP11 and plan is not None:
+            write_interim(ctx.conn, plan.via, head)
 
     def on_head(self, head: ResponseHead) -> None:
         ctx = self.ctx

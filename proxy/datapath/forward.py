@@ -50,10 +50,11 @@ from proxy.datapath.messages import (
     chunk,
     request_head_bytes,
     response_head_bytes,
+    via_line,
 )
 from proxy.datapath.outcomes import Outcomes, write_interim
-from proxy.datapath.planning import Plan, Planner, Planners
-from proxy.datapath.runtime import RuntimeHolder
+from proxy.datapath.planning import Plan, Planner, Planners, link_local_refusal
+from proxy.datapath.runtime import Route, RuntimeHolder
 from proxy.datapath.timeouts import (
     PASSTHROUGH_CONNECT_TIMEOUT,
     PASSTHROUGH_TIMEOUT,
@@ -63,14 +64,23 @@ from proxy.datapath.tunnel import TunnelHandler, splice
 from proxy.datapath.upstream_connection import AwaitedExchange, UpstreamConnection
 from proxy.datapath.upstream_pool import UpstreamPool
 from proxy.errors import BadRequest, ProxyError, TokenUnavailable
+from proxy.hosts import is_link_local_target
 from proxy.ops.metrics import UNMATCHED, Metrics
 
 log = logging.getLogger("token_proxy.forward")
 
 # Bodies up to this size are kept while sent, so a request can be replayed after a 401.
 REPLAY_LIMIT = 64 * 1024
-# CONNECT opens a tunnel; TRACE is sent without a token; neither fits the fast path.
-_NOT_FAST = frozenset({"CONNECT", "TRACE"})
+# CONNECT opens a tunnel; TRACE is sent without a token; TRACE and OPTIONS may have to
+# be answered here (Max-Forwards). None of them fits the fast path.
+_NOT_FAST = frozenset({"CONNECT", "TRACE", "OPTIONS"})
+# RFC 9110 §7.6.2: the methods whose Max-Forwards a proxy checks and decrements.
+_MAX_FORWARDS_METHODS = frozenset({"TRACE", "OPTIONS"})
+_MAX_FORWARDS = b"max-forwards"
+# RFC 9110 §9.3.8: fields likely to hold credentials are left out of a TRACE echo.
+_NOT_ECHOED = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
+# What this proxy forwards, as the answer to an OPTIONS it is the final recipient of.
+_ALLOWED_METHODS = b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"
 # The first attempt at a request (the others are `decisions` values).
 _FIRST_ATTEMPT = -1
 
@@ -130,7 +140,42 @@ class Forwarder:
             refused = RequestContext(conn, head, body, None, 0.0)
             refused.label = error.upstream or UNMATCHED
             return self._outcomes.refuse(refused, error)
-        return await self._serve(RequestContext(conn, head, body, plan, self._loop.time()))
+        ctx = RequestContext(conn, head, body, plan, self._loop.time())
+        if head.method in _MAX_FORWARDS_METHODS and _last_hop(ctx):
+            return self._answer_as_last_hop(ctx)
+        return await self._serve(ctx)
+
+    def _answer_as_last_hop(self, ctx: RequestContext) -> bool:
+        """A TRACE or OPTIONS with `Max-Forwards: 0`: answered here, as its final
+        recipient (RFC 9110 §7.6.2). TRACE gets the request head back (§9.3.8) without
+        any credential or cookie; OPTIONS what this proxy forwards."""
+        head = ctx.head
+        body = ctx.body
+        conn = ctx.conn
+        keep_alive = head.keep_alive and (body is None or body.done)
+        keep_alive = keep_alive and not conn.listener.draining
+        if head.method == "TRACE":
+            plan = ctx.plan
+            route = plan.route if plan is not None else None
+            hidden = set(_NOT_ECHOED)
+            if route is not None:
+                hidden.add(route.injector.header_name.lower())
+            lines = [b"%b %b HTTP/%b\r\n" % (b"TRACE", head.target, head.version.encode())]
+            lines += [b"Host: %b\r\n" % host for host in head.hosts]
+            lines += [
+                b"%b: %b\r\n" % (name, value)
+                for name, value in head.headers
+                if name.lower() not in hidden
+            ]
+            echo = b"".join(lines) + b"\r\n"
+            fields = b"Content-Type: message/http\r\nContent-Length: %d\r\n" % len(echo)
+        else:
+            echo = b""
+            fields = b"Allow: %b\r\nContent-Length: 0\r\n" % _ALLOWED_METHODS
+        connection = b"Connection: keep-alive\r\n" if keep_alive else b"Connection: close\r\n"
+        conn.write(b"HTTP/1.1 200 OK\r\n%b%b\r\n%b" % (fields, connection, echo))
+        self._outcomes.record(ctx, 200, None)
+        return keep_alive
 
     def try_fast(self, planner: Planner, conn: ClientConnection, head: RequestHead) -> bool:
         """Start `head` on the fast path if it qualifies; False leaves it to `handle`."""
@@ -178,17 +223,42 @@ class Forwarder:
         plan = ctx.plan
         assert plan is not None
         route = plan.route
+        body = ctx.body
         if route is not None and may_carry_credential(ctx.head.method):
             token = route.held_token.current()
             if token is None:
                 try:
-                    token = await route.provider.get()
+                    if body is None:
+                        token = await route.provider.get()
+                    else:
+                        token = await _token_unless_body_fails(route, body)
                 except TokenUnavailable as error:
                     self._metrics.token_unavailable.labels(upstream=ctx.label).inc()
                     return self._outcomes.refuse(ctx, error)
+                except ProxyError as error:  # the body failed: nothing was sent
+                    return self._outcomes.refuse(ctx, error)
             ctx.token = token
+        if body is not None and body.held_whole:
+            try:
+                await self._hold_whole(ctx, body)
+            except ProxyError as error:
+                return self._outcomes.refuse(ctx, error)
         kept = _KeptBody() if ctx.head.method in IDEMPOTENT else None
         return await self._send(ctx, kept, _FIRST_ATTEMPT)
+
+    async def _hold_whole(self, ctx: RequestContext, body: RequestBody) -> None:
+        """Wait for the whole of a body whose size is known only at its end, so that a
+        request the limit refuses never reaches the upstream (as nginx buffers request
+        bodies). A client that waits for `100 Continue` gets it from us, and the upstream
+        gets the body with the head, without the expectation."""
+        head = ctx.head
+        expects = [value for name, value in head.headers if name.lower() == b"expect"]
+        if expects:
+            head.headers = [field for field in head.headers if field[0].lower() != b"expect"]
+            continues = any(value.strip().lower() == b"100-continue" for value in expects)
+            if continues and head.version == "1.1" and not body.done:
+                ctx.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await body.whole()
 
     async def _send(self, ctx: RequestContext, kept: _KeptBody | None, how: int) -> bool:
         """Send the request, again for as long as the decisions say so, and answer it."""
@@ -226,10 +296,17 @@ class Forwarder:
         conn = ctx.conn
         head = ctx.head
         body = ctx.body
+        if body is not None and not ctx.replayed:
+            # What arrived with the head (or since) may already have broken the body:
+            # then the head is never sent.
+            _raise_if_failed(body)
         upconn = await self._connection(plan, fresh=ctx.fresh_connection)
+        if body is not None and not ctx.replayed and body.failure() is not None:
+            self.pool.discard(upconn)
+            _raise_if_failed(body)
         exchange = AwaitedExchange(self._loop, head.method == "HEAD")
         if head.version == "1.1":
-            exchange.interim_writer = partial(write_interim, conn)
+            exchange.interim_writer = partial(write_interim, conn, plan.via)
         upconn.begin(exchange, self._request_head(ctx, plan), self._loop.time())
         body_task: asyncio.Task[None] | None = None
         if body is not None:
@@ -268,7 +345,7 @@ class Forwarder:
             raise switched_unasked()
         self._outcomes.record(ctx, response.status, response)
         if how == UPGRADE:
-            return self._upgrade(conn, upconn, exchange, response, body_task)
+            return self._upgrade(conn, upconn, exchange, response, body_task, plan.via)
         return await self._relay(ctx, upconn, exchange, response, body_task)
 
     async def _connection(self, plan: Plan, *, fresh: bool) -> UpstreamConnection:
@@ -280,9 +357,16 @@ class Forwarder:
             connect_timeout, timeout = config.connect_timeout, config.timeout
         else:
             connect_timeout, timeout = PASSTHROUGH_CONNECT_TIMEOUT, PASSTHROUGH_TIMEOUT
-        return await self.pool.connect(
+        conn = await self.pool.connect(
             plan.origin, connect_timeout=connect_timeout, read_timeout=timeout
         )
+        if plan.guard_peer and conn.transport is not None:
+            peer = conn.transport.get_extra_info("peername")
+            if isinstance(peer, tuple) and is_link_local_target(str(peer[0])):
+                # A name that resolved to a link-local or metadata address.
+                self.pool.discard(conn)
+                raise link_local_refusal(f"{plan.origin.host} ({peer[0]})")
+        return conn
 
     def _request_head(self, ctx: RequestContext, plan: Plan) -> bytes:
         """The head to send upstream; sets `ctx.injected` (whether our token is in it)."""
@@ -304,7 +388,8 @@ class Forwarder:
             framing = b"Content-Length: %d\r\n" % head.content_length
         else:
             framing = b""
-        return request_head_bytes(head.method, plan.path, plan.host, headers, framing)
+        via = via_line(head.version) if plan.via else b""
+        return request_head_bytes(head.method, plan.path, plan.host, headers, framing, via)
 
     async def _send_body(
         self,
@@ -406,13 +491,22 @@ class Forwarder:
         exchange: AwaitedExchange,
         response: ResponseHead,
         body_task: asyncio.Task[None] | None,
+        via: bool,
     ) -> bool:
         if body_task is not None:
             body_task.cancel()
         fields = response.fields
         if response.upgrade_to is not None:
             fields += b"\r\nUpgrade: " + response.upgrade_to
-        conn.write(response_head_bytes(101, response.reason, fields, b"Connection: Upgrade\r\n"))
+        conn.write(
+            response_head_bytes(
+                101,
+                response.reason,
+                fields,
+                b"Connection: Upgrade\r\n",
+                via_line(response.version) if via else b"",
+            )
+        )
         upstream_tail = exchange.upgrade_tail
         transport = upconn.detach()
         splice(
@@ -444,6 +538,48 @@ class ModeHandler:
 
     def fast(self, conn: ClientConnection, head: RequestHead) -> bool:
         return self._forwarder.try_fast(self._planner, conn, head)
+
+
+async def _token_unless_body_fails(route: Route, body: RequestBody) -> str:
+    """`route`'s token, awaited until it comes or the request body fails (too large,
+    malformed, the client gone): then the body's failure is raised at once, rather than
+    after a token wait for a request that cannot be sent."""
+    getter = asyncio.ensure_future(route.provider.get())
+    failed = body.failed()
+    try:
+        await asyncio.wait((getter, failed), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not getter.done():
+            getter.cancel()
+    if body.failure() is not None:
+        if getter.done() and not getter.cancelled():
+            getter.exception()  # retrieved: its outcome no longer matters
+        _raise_if_failed(body)
+    return getter.result()
+
+
+def _raise_if_failed(body: RequestBody) -> None:
+    failure = body.failure()
+    if failure is not None:
+        raise failure
+
+
+def _last_hop(ctx: RequestContext) -> bool:
+    """Whether a TRACE or OPTIONS request is to be answered here (`Max-Forwards: 0`);
+    otherwise its Max-Forwards, if any, is decremented in the head it is sent with."""
+    head = ctx.head
+    fields = head.headers
+    for index, (name, value) in enumerate(fields):
+        if len(name) == len(_MAX_FORWARDS) and name.lower() == _MAX_FORWARDS:
+            digits = value.strip()
+            if not digits.isdigit():
+                return False  # not a number: forwarded as it came
+            remaining = int(digits)
+            if remaining == 0:
+                return True
+            head.headers = [*fields[:index], (name, b"%d" % (remaining - 1)), *fields[index + 1 :]]
+            return False
+    return False
 
 
 class _KeptBody:

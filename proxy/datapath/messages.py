@@ -296,29 +296,47 @@ def _decimal(value: bytes) -> int:
     return number
 
 
+# RFC 9110 §7.6.3: the protocol the message was received with, and who received it.
+# A field line of its own after the message's own Via lines: the same as appending to
+# them (RFC 9110 §5.3).
+VIA_11: Final = b"Via: 1.1 token-proxy\r\n"
+VIA_10: Final = b"Via: 1.0 token-proxy\r\n"
+
+
+def via_line(version: str) -> bytes:
+    """The Via field line for a message received as HTTP/`version`."""
+    return VIA_11 if version == "1.1" else VIA_10
+
+
 def request_head_bytes(
-    method: str, path: bytes, host: bytes, headers: Headers, framing: bytes
+    method: str, path: bytes, host: bytes, headers: Headers, framing: bytes, via: bytes
 ) -> bytes:
-    """The request head sent upstream: HTTP/1.1, our Host first, then the end-to-end fields."""
+    """The request head sent upstream: HTTP/1.1, our Host first, then the end-to-end
+    fields, `framing` and `via` (a Via field line, or empty)."""
     parts = [method.encode("ascii"), b" ", path, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
     for name, value in headers:
         parts.append(b"%b: %b\r\n" % (name, value))
     parts.append(framing)
+    parts.append(via)
     parts.append(b"\r\n")
     return b"".join(parts)
 
 
-def response_head_bytes(status: int, reason: bytes, fields: bytes, framing: bytes) -> bytes:
-    """The response head sent to the client: HTTP/1.1, `fields` (CRLF-prefixed lines), `framing`."""
+def response_head_bytes(
+    status: int, reason: bytes, fields: bytes, framing: bytes, via: bytes = b""
+) -> bytes:
+    """The response head sent to the client: HTTP/1.1, `fields` (CRLF-prefixed lines),
+    `via` (a Via field line, or empty) and `framing`."""
     if not reason:
         reason = _STATUS_REASONS.get(status, b"Unknown")
-    return b"HTTP/1.1 %d %b%b\r\n%b\r\n" % (status, reason, fields, framing)
+    return b"HTTP/1.1 %d %b%b\r\n%b%b\r\n" % (status, reason, fields, via, framing)
 
 
 def frame_response(
-    request: RequestHead, response: ResponseHead, *, keep_alive: bool
+    request: RequestHead, response: ResponseHead, *, keep_alive: bool, via: bool = False
 ) -> tuple[bytes, bool, bool, bool]:
-    """The head to send the client for `response`, and how its body is framed.
+    """The head to send the client for `response`, and how its body is framed; with
+    `via`, a Via field line for it.
 
     Returns ``(head, has_body, rechunk, keep_alive)``: whether a body follows, whether
     its bytes must be sent as chunks (the upstream's framing cannot be kept: chunked, or
@@ -345,7 +363,13 @@ def frame_response(
         framing += b"Connection: close\r\n"
     elif request.version == "1.0":
         framing += b"Connection: keep-alive\r\n"
-    head = response_head_bytes(response.status, response.reason, response.fields, framing)
+    head = response_head_bytes(
+        response.status,
+        response.reason,
+        response.fields,
+        framing,
+        (VIA_11 if response.version == "1.1" else VIA_10) if via else b"",
+    )
     return head, not no_body, rechunk, keep_alive
 
 

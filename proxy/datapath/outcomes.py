@@ -12,7 +12,7 @@ import logging
 
 from proxy.datapath.client_connection import ClientConnection
 from proxy.datapath.context import RequestContext
-from proxy.datapath.messages import ResponseHead, response_head_bytes
+from proxy.datapath.messages import ResponseHead, response_head_bytes, via_line
 from proxy.datapath.runtime import RuntimeHolder
 from proxy.errors import ProxyError
 from proxy.ops.logs import log_access
@@ -73,6 +73,14 @@ class Outcomes:
         return keep_alive
 
 
-def write_interim(conn: ClientConnection, interim: ResponseHead) -> None:
+def write_interim(conn: ClientConnection, via: bool, interim: ResponseHead) -> None:
     """Relay a 1xx response (100 Continue, 103 Early Hints) to an HTTP/1.1 client."""
-    conn.write(response_head_bytes(interim.status, interim.reason, interim.fields, b""))
+    conn.write(
+        response_head_bytes(
+            interim.status,
+            interim.reason,
+            interim.fields,
+            b"",
+            via_line(interim.version) if via else b"",
+        )
+    )

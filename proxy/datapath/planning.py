@@ -19,7 +19,7 @@ from proxy.datapath.routing import DEFAULT_PORTS, Target, parse_absolute_target,
 from proxy.datapath.runtime import Route, RuntimeHolder
 from proxy.datapath.upstream_connection import Origin
 from proxy.errors import BadRequest, HostNotAllowed, ProxyError
-from proxy.hosts import is_loopback_host
+from proxy.hosts import LINK_LOCAL_SETTING, is_link_local_target, is_loopback_host
 from proxy.ops.metrics import UNMATCHED
 
 _default_tls: ssl.SSLContext | None = None
@@ -35,14 +35,26 @@ def _passthrough_tls() -> ssl.SSLContext:
 class Plan:
     """Where one request goes and what it carries."""
 
-    __slots__ = ("host", "label", "origin", "path", "route")
+    __slots__ = ("guard_peer", "host", "label", "origin", "path", "route", "via")
 
-    def __init__(self, route: Route | None, origin: Origin, host: bytes, path: bytes) -> None:
+    def __init__(
+        self,
+        route: Route | None,
+        origin: Origin,
+        host: bytes,
+        path: bytes,
+        via: bool,
+        guard_peer: bool = False,
+    ) -> None:
         self.route = route
         self.origin = origin
         self.host = host
         self.path = path
         self.label = route.name if route is not None else UNMATCHED
+        self.via = via  # add Via to the request and its response (RFC 9110 §7.6.3)
+        # Refuse the connection if the peer's address is link-local or metadata (a
+        # passthrough target named by a DNS name: only its address tells).
+        self.guard_peer = guard_peer
 
 
 Planner = Callable[[RequestHead], Plan]
@@ -64,7 +76,8 @@ class Planners:
         return self.plan_target(parse_absolute_target(head.target))
 
     def plan_reverse(self, upstream_name: str, head: RequestHead) -> Plan:
-        route = self._holder.current.routes.get(upstream_name)
+        runtime = self._holder.current
+        route = runtime.routes.get(upstream_name)
         if route is None:
             raise HostNotAllowed("this upstream is no longer configured", upstream=upstream_name)
         if route.origin is None or route.host_header is None:
@@ -77,7 +90,7 @@ class Planners:
         except ProxyError as error:
             error.upstream = upstream_name
             raise
-        return Plan(route, route.origin, route.host_header, path)
+        return Plan(route, route.origin, route.host_header, path, runtime.via)
 
     def plan_tunnelled(self, scheme: str, host: str, port: int, head: RequestHead) -> Plan:
         """A request from inside a CONNECT tunnel: decrypted (`https`), or plain HTTP the
@@ -109,14 +122,24 @@ class Planners:
                 raise HostNotAllowed(
                     f"{target.host} matches no configured upstream (unknown_hosts: deny)"
                 )
-            return Plan(None, _origin_of(target), target.authority.encode("ascii"), target.path)
+            guard = not runtime.allow_link_local
+            if guard and is_link_local_target(target.host):
+                raise link_local_refusal(target.host)
+            return Plan(
+                None,
+                _origin_of(target),
+                target.authority.encode("ascii"),
+                target.path,
+                runtime.via,
+                guard,
+            )
         if route.origin is not None and route.host_header is not None:
             if target.scheme == "https" and route.origin.scheme != "https":
                 raise BadRequest(
                     "an https:// request would be sent over plain http with a token",
                     upstream=route.name,
                 )
-            return Plan(route, route.origin, route.host_header, target.path)
+            return Plan(route, route.origin, route.host_header, target.path, runtime.via)
         if (
             target.scheme == "http"
             and not route.config.allow_insecure_http
@@ -131,7 +154,7 @@ class Planners:
                 upstream=route.name,
             )
         origin = _origin_of(target, route)
-        return Plan(route, origin, target.authority.encode("ascii"), target.path)
+        return Plan(route, origin, target.authority.encode("ascii"), target.path, runtime.via)
 
 
 def check_host_fields(head: RequestHead) -> None:
@@ -140,6 +163,15 @@ def check_host_fields(head: RequestHead) -> None:
         raise BadRequest("more than one Host header")  # RFC 9112 §3.2
     if not hosts and head.version == "1.1":
         raise BadRequest("missing Host header")
+
+
+def link_local_refusal(target: str) -> HostNotAllowed:
+    """The answer for a passthrough target that is, or resolved to, a link-local or
+    cloud-metadata address."""
+    return HostNotAllowed(
+        f"{target} is a link-local or cloud metadata address, which requests no upstream "
+        f"matches may not reach (set {LINK_LOCAL_SETTING}: true to allow it)"
+    )
 
 
 def _origin_of(target: Target, route: Route | None = None) -> Origin:

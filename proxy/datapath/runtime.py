@@ -63,6 +63,8 @@ class Runtime:
     router: Router
     routes: dict[str, Route]
     access_log: bool  # config.access_log, read for every request
+    via: bool  # config.via, read for every request
+    allow_link_local: bool  # config.allow_link_local_targets, read for passthrough requests
 
     @classmethod
     def build(cls, config: ProxyConfig, providers: dict[str, TokenProvider]) -> Runtime:
@@ -72,6 +74,8 @@ class Runtime:
             router=Router(config.upstreams),
             routes=routes,
             access_log=config.access_log,
+            via=config.via,
+            allow_link_local=config.allow_link_local_targets,
         )
 
     def route_for(self, upstream: UpstreamConfig | None) -> Route | None:

@@ -26,6 +26,7 @@ from typing import Protocol, cast
 
 from proxy.datapath.client_connection import ClientConnection, RequestHandler
 from proxy.datapath.messages import RequestHead
+from proxy.datapath.planning import link_local_refusal
 from proxy.datapath.routing import split_authority
 from proxy.datapath.runtime import RuntimeHolder
 from proxy.datapath.timeouts import TUNNEL_CONNECT_TIMEOUT
@@ -36,6 +37,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from proxy.hosts import is_link_local_target
 from proxy.ops.metrics import UNMATCHED, Metrics
 from proxy.ops.throttled_log import ThrottledLog
 
@@ -218,7 +220,10 @@ class TunnelHandler:
                 return False
             if config.unknown_hosts == "deny":
                 raise HostNotAllowed(f"{host} matches no configured upstream (unknown_hosts: deny)")
-            transport = await _open(host, port)
+            guard = not runtime.allow_link_local
+            if guard and is_link_local_target(host):
+                raise link_local_refusal(host)
+            transport = await _open(host, port, guard_peer=guard)
         except ProxyError as error:
             self._metrics.tunnels.labels(upstream=label, outcome="refused").inc()
             self._refusals.log(
@@ -367,7 +372,7 @@ class _Holding(asyncio.Protocol):
         cast(asyncio.Transport, transport).pause_reading()
 
 
-async def _open(host: str, port: int) -> asyncio.Transport:
+async def _open(host: str, port: int, *, guard_peer: bool) -> asyncio.Transport:
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(TUNNEL_CONNECT_TIMEOUT):
@@ -378,4 +383,10 @@ async def _open(host: str, port: int) -> asyncio.Transport:
         raise UpstreamUnreachable(
             f"cannot connect to {host}:{port}: {exc.strerror or exc}"
         ) from None
+    if guard_peer:
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and is_link_local_target(str(peer[0])):
+            # A name that resolved to a link-local or metadata address.
+            transport.abort()
+            raise link_local_refusal(f"{host} ({peer[0]})")
     return transport

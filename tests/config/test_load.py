@@ -91,6 +91,18 @@ CASES = [
         "expected an integer, got a number",
     ),
     Case(
+        "via-as-string",
+        {"via": "off"},
+        "via",
+        "expected a boolean (true or false), got a string",
+    ),
+    Case(
+        "allow-link-local-as-number",
+        {"allow_link_local_targets": 1},
+        "allow_link_local_targets",
+        "expected a boolean (true or false), got an integer",
+    ),
+    Case(
         "unknown-top-key-near-token-cache",
         {"token_cach": {}},
         "token_cach",
@@ -221,6 +233,8 @@ def test_every_setting_is_read(tmp_path: Path, files: Path) -> None:
         "log_level": "debug",
         "log_format": "json",
         "access_log": True,
+        "via": False,
+        "allow_link_local_targets": True,
         "shutdown_grace_period": "250ms",
         "token_cache": {
             "redis": {
@@ -323,6 +337,7 @@ def test_every_setting_is_read(tmp_path: Path, files: Path) -> None:
         max_connections=7,
     )
     assert (config.log_level, config.log_format, config.access_log) == ("debug", "json", True)
+    assert (config.via, config.allow_link_local_targets) == (False, True)
     assert config.shutdown_grace_period == 0.25
     assert config.token_cache == TokenCacheConfig(
         redis=RedisConfig(

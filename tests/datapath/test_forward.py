@@ -181,7 +181,7 @@ async def test_redirects_cookies_and_encodings_come_back_untouched(
     assert gzip.decompress(body) == b"hello " * 100
 
 
-async def test_no_headers_of_its_own_are_added(
+async def test_only_host_the_token_and_via_are_added(
     inventory_proxy: ProxyApp, upstream: Upstream
 ) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", inventory_proxy.port)
@@ -191,7 +191,7 @@ async def test_no_headers_of_its_own_are_added(
     assert head.startswith(b"HTTP/1.1 200")
     writer.close()
     names = sorted(name.lower() for name, _ in upstream.last().headers)
-    assert names == ["authorization", "host"]
+    assert names == ["authorization", "host", "via"]
 
 
 async def test_chunked_request_and_response_stream(

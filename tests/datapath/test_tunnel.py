@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import ipaddress
 import json
 import os
 import socket
@@ -25,6 +26,10 @@ from cryptography import x509
 
 from proxy.app import ProxyApp
 from proxy.config import LimitsConfig, ProxyConfig
+from proxy.datapath.planning import Plan
+from proxy.datapath.tunnel import _open as open_tunnel
+from proxy.datapath.upstream_connection import Origin
+from proxy.errors import HostNotAllowed
 from tests.support.configs import StartProxy, proxy_config, proxy_url, token_config, upstream_config
 from tests.support.token_server import TokenServer
 from tests.support.upstream import Upstream
@@ -402,3 +407,49 @@ async def test_idle_tunnel_is_closed_after_the_tunnel_idle_timeout(
     assert await asyncio.wait_for(reader.read(), 10) == b""
     writer.close()
     await writer.wait_closed()
+
+
+def link_local_address() -> str | None:
+    """An IPv6 link-local address of this machine with its zone (`fe80::…%eth0`), if any."""
+    try:
+        with open("/proc/net/if_inet6") as table:
+            lines = table.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) == 6 and fields[3] == "20":  # scope: link
+            groups = [fields[0][i : i + 4] for i in range(0, 32, 4)]
+            return f"{ipaddress.IPv6Address(':'.join(groups))}%{fields[5]}"
+    return None
+
+
+@pytest.mark.skipif(link_local_address() is None, reason="no IPv6 link-local address here")
+async def test_a_passthrough_connection_whose_peer_is_link_local_is_refused(
+    start_proxy: StartProxy, token_server: TokenServer
+) -> None:
+    # A DNS name may resolve to a link-local or metadata address: the connected peer's
+    # address is checked too. (The address is given with its zone, which a request
+    # could not name: the connection is opened here as a resolved name would be.)
+    address = link_local_address()
+    assert address is not None
+    accepted: list[object] = []
+
+    def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        writer.close()
+
+    server = await asyncio.start_server(accept, address, 0)
+    port = server.sockets[0].getsockname()[1]
+    app = await start_proxy(tunnel_config(token_server, port))
+    try:
+        with pytest.raises(HostNotAllowed, match="allow_link_local_targets"):
+            await open_tunnel(address, port, guard_peer=True)
+        plan = Plan(None, Origin("http", address, port), b"h", b"/", True, guard_peer=True)
+        with pytest.raises(HostNotAllowed, match="allow_link_local_targets"):
+            await app.forwarder._connection(plan, fresh=True)
+        transport = await open_tunnel(address, port, guard_peer=False)  # the setting's way
+        transport.close()
+    finally:
+        server.close()
+        await server.wait_closed()

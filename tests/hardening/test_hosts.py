@@ -778,3 +778,130 @@ async def test_a_name_that_looks_like_loopback_gets_no_cleartext_token(
     assert response.status == 403
     assert response.error == "host_not_allowed"
     assert "cleartext" in response.json()["detail"]
+
+
+# -- link-local and cloud-metadata targets ---------------------------------------------------
+
+LINK_LOCAL_TARGETS = [
+    "169.254.169.254",
+    "169.254.1.1:8080",
+    "[fe80::1]",
+    "[fd00:ec2::254]",
+    "100.100.100.200",
+    "metadata.google.internal",
+    "metadata",
+    "Metadata.Google.Internal.",
+    "[::ffff:169.254.169.254]",
+    "2852039166",  # 169.254.169.254 as the system resolver reads it
+    "0xa9fea9fe",
+    "169.254.43518",
+]
+
+
+@pytest.mark.parametrize("authority", LINK_LOCAL_TARGETS)
+async def test_link_local_and_metadata_targets_are_refused_under_passthrough(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream, authority: str
+) -> None:
+    app = await start_inventory(start_proxy, token_server, upstream)  # passthrough
+    response = await ask(app.port, request(f"http://{authority}/latest/meta-data/", host=authority))
+    assert response.status == 403
+    assert response.error == "host_not_allowed"
+    assert "allow_link_local_targets" in response.json()["detail"]
+    connect = authority.removesuffix(":8080") + ":443"
+    reply, closed = await roundtrip(app.port, request(connect, method="CONNECT", host=connect))
+    assert reply.status == 403
+    assert closed
+    assert "allow_link_local_targets" in reply.json()["detail"]
+
+
+async def test_link_local_targets_pass_when_allowed_and_configured_ones_always(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    # An upstream the operator named is reached whatever its address; with the setting,
+    # a passthrough request to such an address is attempted (a link-local address
+    # without a zone cannot be connected to: 502 at once).
+    config = proxy_config(
+        upstream_config(
+            "metadata", ["169.254.169.254"], token_config(token_server), url=upstream.url
+        ),
+        allow_link_local_targets=True,
+    )
+    app = await start_proxy(config)
+    response = await ask(app.port, request("http://169.254.169.254/x", host="169.254.169.254"))
+    assert response.status == 200
+    assert upstream.last().all("Authorization") == [bearer(token_server)]
+    response = await ask(app.port, request("http://[fe80::1]:9/x", host="[fe80::1]:9"))
+    assert response.status == 502
+    assert response.error == "upstream_unreachable"
+
+
+# -- the proxy's duties as an intermediary (RFC 9110 §7.6) ----------------------------------
+
+
+async def test_via_is_appended_to_requests_and_responses(
+    named: ProxyApp, upstream: Upstream
+) -> None:
+    raw = request(
+        "http://inventory.internal/v", headers=[("Via", "1.0 fred"), ("Via", "1.1 nowhere")]
+    )
+    response = await ask(named.port, raw)
+    assert response.status == 200
+    assert upstream.last().all("Via") == ["1.0 fred", "1.1 nowhere", "1.1 token-proxy"]
+    assert response.all("Via") == ["1.1 token-proxy"]
+    old = await ask(named.port, request("http://inventory.internal/v", version="1.0"))
+    assert old.status == 200
+    assert upstream.last().all("Via") == ["1.0 token-proxy"]
+
+
+async def test_via_can_be_turned_off(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    app = await start_inventory(start_proxy, token_server, upstream, proxy={"via": False})
+    response = await ask(app.port, request("http://inventory.internal/v"))
+    assert response.status == 200
+    assert response.all("Via") == []
+    assert upstream.last().all("Via") == []
+
+
+async def test_trace_and_options_with_max_forwards_zero_are_answered_by_the_proxy(
+    named: ProxyApp, upstream: Upstream
+) -> None:
+    sensitive = [
+        ("Max-Forwards", "0"),
+        ("Authorization", "Bearer the-apps-own"),
+        ("authorization", "Basic dXNlcjpwYXNz"),
+        ("Proxy-Authorization", "Basic cHJveHk6cGFzcw=="),
+        ("Cookie", "session=secret"),
+        ("X-Echo", "kept"),
+    ]
+    trace = await ask(
+        named.port, request("http://inventory.internal/t", method="TRACE", headers=sensitive)
+    )
+    assert trace.status == 200
+    assert trace.header("Content-Type") == "message/http"
+    assert trace.body.startswith(b"TRACE http://inventory.internal/t HTTP/1.1\r\n")
+    assert b"Host: inventory.internal\r\n" in trace.body
+    assert b"X-Echo: kept\r\n" in trace.body
+    assert b"Max-Forwards: 0\r\n" in trace.body
+    for secret in (b"the-apps-own", b"dXNlcjpwYXNz", b"cHJveHk6cGFzcw==", b"session=secret"):
+        assert secret not in trace.body
+    assert trace.body.endswith(b"\r\n\r\n")
+    options = await ask(
+        named.port,
+        request("http://inventory.internal/o", method="OPTIONS", headers=[("Max-Forwards", "0")]),
+    )
+    assert options.status == 200
+    assert "OPTIONS" in (options.header("Allow") or "")
+    assert options.body == b""
+    assert upstream.received == []
+
+
+async def test_max_forwards_is_decremented_for_trace_and_options_only(
+    named: ProxyApp, upstream: Upstream
+) -> None:
+    for method in ("TRACE", "OPTIONS", "GET"):
+        raw = request("http://inventory.internal/m", method=method, headers=[("Max-Forwards", "3")])
+        response = await ask(named.port, raw)
+        assert response.status == 200
+        assert upstream.last().method == method
+        assert upstream.last().all("Max-Forwards") == ["3" if method == "GET" else "2"]

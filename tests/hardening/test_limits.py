@@ -271,6 +271,35 @@ async def test_an_endless_header_field_is_431_long_before_the_header_timeout(
     await baseline.check()
 
 
+async def test_an_oversized_head_arriving_in_one_read_is_431_at_once(limited: Limited) -> None:
+    app, baseline = await limited(
+        LimitsConfig(max_request_line=1024, max_header_size=4096, header_timeout=30.0)
+    )
+    # An unfinished head of four times the limits, small enough to arrive in one read.
+    raw = get(b"http://inventory.internal/x", b"X-Endless: " + b"e" * 20_000)[:-4]
+    response, closed = await roundtrip(app.port, raw, within=AT_ONCE, close_within=AT_ONCE)
+    assert response.status == 431
+    assert closed
+    await baseline.check()
+
+
+async def test_pipelined_requests_filling_a_read_are_not_taken_for_a_large_head(
+    limited: Limited, upstream: Upstream
+) -> None:
+    app, baseline = await limited(LimitsConfig(max_header_size=4096, max_request_line=1024))
+    one = get(b"http://inventory.internal/x", b"X-Fill: " + b"f" * 3000)
+    with_body = post(b"Content-Length: 6000", body=b"b" * 6000)
+    pipeline = (one + with_body) * 4 + one
+    before = len(upstream.received)
+    async with await RawClient.connect(app.port) as client:
+        client.send(pipeline[:-100])  # the last head ends in the next read
+        client.send(pipeline[-100:])
+        statuses = [(await client.final_response()).status for _ in range(9)]
+    assert statuses == [200] * 9
+    assert len(upstream.received) == before + 9
+    await baseline.check()
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -294,19 +323,65 @@ async def test_a_declared_body_over_the_limit_is_413_before_anything_is_sent(
     await baseline.check()
 
 
-async def test_a_chunked_body_over_the_limit_is_413_at_once_and_never_completed(
-    evil_proxy: EvilProxy,
+@pytest.mark.parametrize("arrival", ["with-the-head", "after-the-head"])
+async def test_a_chunked_body_over_the_limit_is_413_at_once_and_nothing_is_sent(
+    evil_proxy: EvilProxy, arrival: str
 ) -> None:
     app, evil, baseline = await evil_proxy(stall(), upstream_timeout=30.0)
+    first = b"258\r\n" + b"b" * 600 + b"\r\n"
+    rest = b"258\r\n" + b"b" * 600 + b"\r\n0\r\n\r\n"
+    async with await RawClient.connect(app.port) as client:
+        if arrival == "after-the-head":
+            # Within the limit so far, with a token at hand: the request is held (its
+            # size is known at its end only), nothing goes upstream yet.
+            client.send(post(b"Transfer-Encoding: chunked", body=first))
+            assert await client.silent_for(0.3)
+            client.send(rest)
+        else:
+            client.send(post(b"Transfer-Encoding: chunked", body=first + rest))
+        response = await client.response(within=AT_ONCE)
+        assert response.status == 413
+        assert response.error == "bad_request"
+        assert await client.closed(AT_ONCE)
+    assert len(evil.connections) == 1  # only the warm-up: no head, no token went upstream
+    await baseline.check()
+
+
+async def test_a_chunked_body_over_the_limit_is_413_while_the_token_endpoint_hangs(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    token_server.set_failing("hang")
+    app = await start_inventory(
+        start_proxy, token_server, upstream, proxy={"unknown_hosts": "deny", "limits": LIMITS}
+    )
     body = b"400\r\n" + b"b" * 1024 + b"\r\n0\r\n\r\n"
     async with await RawClient.connect(app.port) as client:
         client.send(post(b"Transfer-Encoding: chunked", body=body))
         response = await client.response(within=AT_ONCE)
         assert response.status == 413
         assert await client.closed(AT_ONCE)
-    conn = await evil.connection(1)
-    assert await conn.closed_by_proxy(AT_ONCE)
-    assert b"0\r\n\r\n" not in bytes(conn.rest)
+    assert upstream.received == []
+
+
+async def test_a_held_chunked_body_is_sent_whole_once_complete(
+    limited: Limited, upstream: Upstream
+) -> None:
+    app, baseline = await limited()
+    before = len(upstream.received)
+    async with await RawClient.connect(app.port) as client:
+        client.send(post(b"Transfer-Encoding: chunked", b"Expect: 100-continue"))
+        # The proxy holds the body, so it asks for it itself.
+        interim = await client.response(within=AT_ONCE)
+        assert interim.status == 100
+        client.send(b"1f4\r\n" + b"a" * 500 + b"\r\n")
+        assert await client.silent_for(0.3)
+        assert len(upstream.received) == before
+        client.send(b"1f4\r\n" + b"b" * 500 + b"\r\n0\r\n\r\n")
+        response = await client.final_response()
+        assert response.status == 200
+    seen = upstream.last()
+    assert seen.body_size == 1000
+    assert seen.all("Expect") == []  # the body comes with the head: nothing to expect
     await baseline.check()
 
 

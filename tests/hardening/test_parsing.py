@@ -228,12 +228,14 @@ async def test_a_refused_head_request_is_answered_with_a_head_only(
     assert evil.heads == []
 
 
-# -- bad bodies: the head already went upstream --------------------------------------------
+# -- bad bodies: refused before the head goes upstream, or cut off after it ----------------
 
 BAD_CHUNKED_BODIES = {
     "size-not-hex": b"zz\r\nhello\r\n0\r\n\r\n",
     "size-0x": b"0x5\r\nhello\r\n0\r\n\r\n",
     "size-overflow": b"fffffffffffffffff\r\nhello\r\n0\r\n\r\n",
+    "size-17-digits": b"00000000000000005\r\nhello\r\n0\r\n\r\n",
+    "size-17-digits-later": b"5\r\nhello\r\n000000000000000005;x=y\r\nhello\r\n0\r\n\r\n",
     "size-trailing-space": b"5 \r\nhello\r\n0\r\n\r\n",
     "size-bare-lf": b"5\nhello\r\n0\r\n\r\n",
     "data-longer-than-size": b"3\r\nhello\r\n0\r\n\r\n",
@@ -242,7 +244,7 @@ BAD_CHUNKED_BODIES = {
 
 
 @pytest.mark.parametrize("body", BAD_CHUNKED_BODIES.values(), ids=BAD_CHUNKED_BODIES.keys())
-async def test_a_malformed_chunked_body_is_answered_400_at_once_and_never_completed(
+async def test_a_malformed_chunked_body_with_the_head_never_reaches_the_upstream(
     evil_proxy: EvilProxy, body: bytes
 ) -> None:
     app, evil = await evil_proxy(stall())
@@ -251,10 +253,63 @@ async def test_a_malformed_chunked_body_is_answered_400_at_once_and_never_comple
     assert response.status == 400
     assert response.error == "bad_request"
     assert closed
-    conn = await evil.connection(0)
+    # What arrived with the head is checked before the head (and its token) is sent.
+    assert evil.connections == []
+
+
+@pytest.mark.parametrize("body", BAD_CHUNKED_BODIES.values(), ids=BAD_CHUNKED_BODIES.keys())
+async def test_a_malformed_chunked_body_after_the_head_is_400_at_once_and_never_completed(
+    evil_proxy: EvilProxy, body: bytes
+) -> None:
+    app, evil = await evil_proxy(stall())
+    async with await RawClient.connect(app.port) as client:
+        client.send(head(b"Transfer-Encoding: chunked"))
+        conn = await evil.connection(0)
+        await conn.until_heads(1)
+        client.send(body)
+        response = await client.response(within=AT_ONCE)
+        assert response.status == 400
+        assert response.error == "bad_request"
+        assert await client.closed(AT_ONCE)
     assert await conn.closed_by_proxy(AT_ONCE)
-    # Whatever part of the request went upstream, it never became a complete message.
+    # The part of the request that went upstream never became a complete message.
     assert b"0\r\n\r\n" not in bytes(conn.rest)
+
+
+@pytest.mark.parametrize("split", [1, 5, 19, 30], ids=lambda size: f"pieces-of-{size}")
+async def test_a_long_chunk_size_split_across_reads_is_refused(
+    evil_proxy: EvilProxy, split: int
+) -> None:
+    app, evil = await evil_proxy(stall())
+    body = b"5\r\nhello\r\n0000000000000000005\r\nhello\r\n0\r\n\r\n"
+    async with await RawClient.connect(app.port) as client:
+        client.send(head(b"Transfer-Encoding: chunked"))
+        conn = await evil.connection(0)
+        await conn.until_heads(1)
+        for start in range(0, len(body), split):
+            await client.send_drained(body[start : start + split])
+            if client.received:
+                break
+        response = await client.response(within=AT_ONCE)
+        assert response.status == 400
+    assert await conn.closed_by_proxy(AT_ONCE)
+    assert b"0\r\n\r\n" not in bytes(conn.rest)
+
+
+async def test_a_chunked_request_pipelined_behind_others_has_its_sizes_checked(
+    named: ProxyApp, upstream: Upstream
+) -> None:
+    ok = head(b"Content-Length: 3") + b"abc"
+    chunked = head(b"Transfer-Encoding: chunked")
+    fine = chunked + b"0000000000000003\r\nabc\r\n0\r\nX-T: 1\r\n\r\n"
+    bad = chunked + b"00000000000000003\r\nabc\r\n0\r\n\r\n"
+    before = len(upstream.received)
+    async with await RawClient.connect(named.port) as client:
+        client.send(ok + fine + head(method=b"GET") + fine + bad + ok)
+        statuses = [(await client.response()).status for _ in range(5)]
+        assert await client.closed(AT_ONCE)
+    assert statuses == [200, 200, 200, 200, 400]
+    assert [seen.body_size for seen in upstream.received[before:]] == [3, 3, 0, 3]
 
 
 # -- what the proxy accepts, and how it re-frames it -------------------------------------
@@ -291,6 +346,10 @@ async def test_chunked_body_is_reframed_without_extensions_or_trailers(
         (head(b"Content-Length: 5", method=b"GET") + b"hello", "hello"),
         (b"\r\n" + head(b"Content-Length: 5") + b"hello", "hello"),  # RFC 9112 §2.2
         (
+            head(b"Transfer-Encoding: chunked") + b"0000000000000005\r\nhello\r\n0\r\n\r\n",
+            "hello",
+        ),
+        (
             b"POST  http://inventory.internal/x  HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
             "",
         ),
@@ -303,6 +362,7 @@ async def test_chunked_body_is_reframed_without_extensions_or_trailers(
         "cl-zero",
         "get-body",
         "leading-crlf",
+        "size-16-digits",
         "double-spaces",
     ],
 )
@@ -655,6 +715,7 @@ async def test_a_response_head_is_relayed_the_same_however_it_is_split(
         (b"X-Padded", b"v \t"),
         (b"Set-Cookie", b"b=2"),
         (b"Transfer-encoding-not", b"kept"),
+        (b"Via", b"1.1 token-proxy"),
         (b"Content-Length", b"2"),
     ]
 
