@@ -20,6 +20,7 @@ class RequestContext:
 
     __slots__ = (
         "body",
+        "bytes_out",
         "conn",
         "fresh_connection",
         "head",
@@ -28,6 +29,7 @@ class RequestContext:
         "plan",
         "replayed",
         "started",
+        "status",
         "token",
     )
 
@@ -51,3 +53,7 @@ class RequestContext:
         self.fresh_connection = False
         # Sent again with a new token after a 401 (at most once).
         self.replayed = False
+        # The answer's status, once recorded, and the body bytes the client was sent:
+        # the access log line is written when the answer ends (`Outcomes.finish`).
+        self.status = 0
+        self.bytes_out = 0

@@ -110,9 +110,11 @@ class FastExchange(Exchange):
     def on_body(self, data: bytes) -> None:
         if self.handed_off:
             return
-        if self.ctx.conn.closed:
+        ctx = self.ctx
+        if ctx.conn.closed:
             self.upconn.abort()  # the client went away: stop the download
             return
+        ctx.bytes_out += len(data)
         self._out.append(chunk(data) if self.rechunk else data)
 
     def after_data(self) -> None:
@@ -131,9 +133,11 @@ class FastExchange(Exchange):
         if self.rechunk:
             self._out.append(LAST_CHUNK)
         self.after_data()
-        conn = self.ctx.conn
+        ctx = self.ctx
+        conn = ctx.conn
         conn.on_resume_writing = None
         self.pool.release(self.upconn)
+        self.outcomes.finish(ctx)
         conn.fast_done(self.keep_alive)
 
     def on_error(self, error: ProxyError) -> None:
@@ -149,8 +153,10 @@ class FastExchange(Exchange):
         elif how == CUT_SHORT:
             # Too late for an error answer: the client sees a cut-short response.
             conn.abort()
+            self.outcomes.finish(ctx)
             conn.fast_done(False)
         elif how == CLIENT_GONE:
+            self.outcomes.finish(ctx)
             conn.fast_done(False)  # nobody to answer or retry for
         else:
             self._hand_off(how)

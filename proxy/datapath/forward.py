@@ -175,6 +175,8 @@ class Forwarder:
         connection = b"Connection: keep-alive\r\n" if keep_alive else b"Connection: close\r\n"
         conn.write(b"HTTP/1.1 200 OK\r\n%b%b\r\n%b" % (fields, connection, echo))
         self._outcomes.record(ctx, 200, None)
+        ctx.bytes_out = len(echo)
+        self._outcomes.finish(ctx)
         return keep_alive
 
     def try_fast(self, planner: Planner, conn: ClientConnection, head: RequestHead) -> bool:
@@ -344,9 +346,12 @@ class Forwarder:
             self.pool.discard(upconn)
             raise switched_unasked()
         self._outcomes.record(ctx, response.status, response)
-        if how == UPGRADE:
-            return self._upgrade(conn, upconn, exchange, response, body_task, plan.via)
-        return await self._relay(ctx, upconn, exchange, response, body_task)
+        try:
+            if how == UPGRADE:
+                return self._upgrade(conn, upconn, exchange, response, body_task, plan.via)
+            return await self._relay(ctx, upconn, exchange, response, body_task)
+        finally:
+            self._outcomes.finish(ctx)
 
     async def _connection(self, plan: Plan, *, fresh: bool) -> UpstreamConnection:
         conn = None if fresh else self.pool.take_idle(plan.origin)
@@ -427,11 +432,12 @@ class Forwarder:
         else:
             # The head and whatever body came with it leave in one write.
             first = exchange.take_buffered()
+            ctx.bytes_out += len(first)
             if first and rechunk:
                 first = chunk(first)
             conn.write(response_head + first)
             try:
-                await self._stream_response(conn, upconn, exchange, rechunk)
+                await self._stream_response(ctx, upconn, exchange, rechunk)
             except (ProxyError, ConnectionError):
                 if body_task is not None:
                     body_task.cancel()
@@ -458,17 +464,19 @@ class Forwarder:
 
     async def _stream_response(
         self,
-        conn: ClientConnection,
+        ctx: RequestContext,
         upconn: UpstreamConnection,
         exchange: AwaitedExchange,
         rechunk: bool,
     ) -> None:
+        conn = ctx.conn
         write = conn.write
 
         def sink(data: bytes) -> None:
             if conn.closed:
                 upconn.abort()  # the client went away: stop the download
                 return
+            ctx.bytes_out += len(data)
             write(chunk(data) if rechunk else data)
             if conn.write_paused:
                 upconn.pause_reading()

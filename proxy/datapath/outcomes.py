@@ -1,8 +1,9 @@
 """How every request is accounted for, and the answers the proxy gives itself.
 
-`Outcomes.record` counts a request's answer in the metrics and writes its access-log
-line; `Outcomes.refuse` answers a `ProxyError` with the contract's JSON body (see
-`proxy.errors`) and records that. Both request paths end here.
+`Outcomes.record` counts a request's answer in the metrics when its head goes out;
+`Outcomes.finish` writes its access-log line once it has ended; `Outcomes.refuse`
+answers a `ProxyError` with the contract's JSON body (see `proxy.errors`) and records
+that. Both request paths end here.
 """
 
 from __future__ import annotations
@@ -30,22 +31,39 @@ class Outcomes:
         self._loop = asyncio.get_event_loop()
 
     def record(self, ctx: RequestContext, status: int, response: ResponseHead | None) -> None:
-        """Count the answer in the metrics, and log it when the access log is on."""
+        """Count the answer in the metrics (its duration runs to the response head)."""
         started = ctx.started
         elapsed = self._loop.time() - started if started else 0.0
         self._metrics.observe_request(ctx.label, status, elapsed)
-        if self._holder.current.access_log:
-            head = ctx.head
-            log_access(
-                upstream=ctx.label,
-                method=head.method,
-                host=head.hosts[0].decode("latin-1") if head.hosts else "-",
-                path=head.target.decode("latin-1"),
-                status=status,
-                duration_s=elapsed,
-                bytes_out=(response.content_length or 0) if response is not None else 0,
-                client=ctx.conn.peer,
-            )
+        ctx.status = status
+
+    def finish(self, ctx: RequestContext) -> None:
+        """The answer has ended (or was cut short): write its access-log line, if on.
+
+        The same fields on every path: where the request went (the Host and the
+        origin-form path sent upstream, or as asked when it was refused before it was
+        planned), the body bytes the client was sent, and the time to the last byte.
+        """
+        if not self._holder.current.access_log or not ctx.status:
+            return
+        started = ctx.started
+        head = ctx.head
+        plan = ctx.plan
+        if plan is not None:
+            host, path = plan.host, plan.path
+        else:
+            host, path = head.hosts[0] if head.hosts else b"-", head.target
+        log_access(
+            upstream=ctx.label,
+            method=head.method,
+            host=host.decode("latin-1"),
+            path=path.decode("latin-1"),
+            status=ctx.status,
+            duration_s=self._loop.time() - started if started else 0.0,
+            bytes_out=ctx.bytes_out,
+            client=ctx.conn.peer,
+        )
+        ctx.status = 0  # one line per answer
 
     def refuse(self, ctx: RequestContext, error: ProxyError) -> bool:
         """Answer `error` ourselves. The connection stays open only if the body was consumed."""
@@ -59,6 +77,7 @@ class Outcomes:
             error.upstream = label
         conn.send_error(error, keep_alive=keep_alive, head_only=head.method == "HEAD")
         self.record(ctx, error.status, None)
+        self.finish(ctx)
         if error.status >= 500:
             log.warning(
                 "request failed",
