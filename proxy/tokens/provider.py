@@ -36,10 +36,10 @@ import time
 import weakref
 from collections.abc import Callable
 
+import proxy.tokens.schedule as schedule
 from proxy.config import TokenConfig
 from proxy.errors import TokenFetchError, TokenUnavailable
 from proxy.ops.metrics import Metrics
-from proxy.tokens import schedule
 from proxy.tokens.client import TokenResponse
 from proxy.tokens.clock import wall_time
 from proxy.tokens.endpoint import EndpointAccess, SessionPool
