@@ -21,6 +21,7 @@ from setuptools import setup
 
 # The modules a request passes through on its way to the upstream and back.
 COMPILED_MODULES = [
+    "proxy/datapath/chunk_sizes.py",
     "proxy/datapath/client_connection.py",
     "proxy/datapath/context.py",
     "proxy/datapath/decisions.py",
@@ -32,6 +33,7 @@ COMPILED_MODULES = [
     "proxy/datapath/messages.py",
     "proxy/datapath/outcomes.py",
     "proxy/datapath/planning.py",
+    "proxy/datapath/request_body.py",
     "proxy/datapath/routing.py",
     "proxy/datapath/runtime.py",
     "proxy/datapath/states.py",

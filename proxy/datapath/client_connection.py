@@ -23,8 +23,10 @@ from typing import Final, Protocol
 import httptools
 
 from proxy.config import LimitsConfig
+from proxy.datapath.chunk_sizes import ChunkSizes
 from proxy.datapath.flow_control import FlowControlledProtocol
 from proxy.datapath.messages import HeadFields, RequestHead
+from proxy.datapath.request_body import RequestBody
 from proxy.datapath.states import (
     AWAITING_REQUEST,
     HEAD_COMPLETE,
@@ -72,18 +74,6 @@ _LF: Final = 10
 # Where a message began, when not at an offset of the current read.
 _EARLIER_READ: Final = -1
 _UNKNOWN: Final = -2
-# RFC 9112 §7.1 sets no limit; 16 hex digits are 64 bits, the most any parser on the way
-# holds (llhttp checks the value only, so `00000000000000005` passes it).
-MAX_CHUNK_SIZE_DIGITS: Final = 16
-_HEX_DIGITS: Final = frozenset(b"0123456789abcdefABCDEF")
-# Chunk-size line states of `ChunkSizes`.
-_SIZE_LINE: Final = 0
-_DATA: Final = 1
-_TRAILER_LINE: Final = 2
-
-# A request body buffered beyond this pauses reading from the client until it drains.
-BODY_HIGH_WATER = 256 * 1024
-BODY_LOW_WATER = 64 * 1024
 
 
 class ConnectionOwner(Protocol):
@@ -106,175 +96,6 @@ class RawSink(Protocol):
     def client_eof(self) -> None: ...
 
     def client_lost(self) -> None: ...
-
-
-class RequestBody:
-    """The body of one request, streamed from the client with bounded buffering.
-
-    A body `held_whole` (chunked, with `limits.max_body_size` set) is read to its end,
-    up to that limit, before its request is sent on: only then is it known not to be
-    refused, and a request that will be refused must not reach the upstream.
-    """
-
-    __slots__ = (
-        "_chunks",
-        "_conn",
-        "_error",
-        "_failed",
-        "_high_water",
-        "_size",
-        "_waiter",
-        "done",
-        "held_whole",
-        "received",
-    )
-
-    def __init__(self, conn: ClientConnection, hold_up_to: int | None = None) -> None:
-        self._conn = conn
-        self._chunks: deque[bytes] = deque()
-        self._size = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self._failed: asyncio.Future[None] | None = None
-        self._error: BaseException | None = None
-        self.done = False
-        self.received = 0
-        self.held_whole = hold_up_to is not None
-        # A body held whole is never paused below its limit (it could not end then).
-        high_water = BODY_HIGH_WATER
-        if hold_up_to is not None and hold_up_to > high_water:
-            high_water = hold_up_to
-        self._high_water = high_water
-
-    def feed(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._size += len(data)
-        self.received += len(data)
-        if self._size > self._high_water:
-            self._conn.pause_reading()
-        self._wake()
-
-    def finish(self) -> None:
-        self.done = True
-        self._wake()
-
-    def fail(self, error: BaseException) -> None:
-        if not self.done:
-            self._error = error
-            self.done = True
-            self._wake()
-            failed = self._failed
-            if failed is not None and not failed.done():
-                failed.set_result(None)
-
-    def failure(self) -> ProxyError | None:
-        """Why the body failed (too large, malformed, the client went), or None."""
-        error = self._error
-        if error is None or isinstance(error, ProxyError):
-            return error
-        return BadRequest("the client closed the connection before the request body ended")
-
-    def failed(self) -> asyncio.Future[None]:
-        """Resolved when the body fails (at once if it has)."""
-        failed = self._failed
-        if failed is None:
-            failed = self._failed = asyncio.get_running_loop().create_future()
-            if self._error is not None:
-                failed.set_result(None)
-        return failed
-
-    async def whole(self) -> None:
-        """Until the body has arrived whole (it stays buffered); its failure if it fails."""
-        while not self.done:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        failure = self.failure()
-        if failure is not None:
-            raise failure
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def read(self) -> bytes | None:
-        """The next chunk, or None at the end of the body."""
-        while not self._chunks:
-            if self._error is not None:
-                raise self._error
-            if self.done:
-                return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        data = self._chunks.popleft()
-        self._size -= len(data)
-        if self._size < BODY_LOW_WATER:
-            self._conn.resume_reading()
-        return data
-
-
-class ChunkSizes:
-    """Reads the framing of a chunked request body, ahead of llhttp, to refuse chunk
-    sizes of more than `MAX_CHUNK_SIZE_DIGITS` hex digits.
-
-    llhttp checks the syntax (and refuses what breaks it); this follows the same bytes
-    from the first chunk-size line: a size line, that many bytes of data and CRLF, and
-    so on to the last chunk and its trailer section, whose end it records (`end`, an
-    offset in the read it ended in).
-    """
-
-    __slots__ = ("_left", "_line", "_state", "end", "finished")
-
-    def __init__(self) -> None:
-        self._state = _SIZE_LINE
-        self._line = b""  # the start of a line split across reads (enough to read a size)
-        self._left = 0  # data bytes and their CRLF still to come
-        self.end = -1
-        self.finished = False
-
-    def scan(self, data: bytes, pos: int) -> None:
-        """Follow `data` from `pos`; BadRequest at a chunk size that is too long."""
-        length = len(data)
-        while pos < length and not self.finished:
-            if self._state == _DATA:
-                step = min(self._left, length - pos)
-                pos += step
-                self._left -= step
-                if not self._left:
-                    self._state = _SIZE_LINE
-                continue
-            lf = data.find(b"\n", pos)
-            line = self._line + data[pos : pos + MAX_CHUNK_SIZE_DIGITS + 2]
-            if lf < 0:
-                self._line = line[: MAX_CHUNK_SIZE_DIGITS + 2]
-                return
-            line = line[: len(self._line) + lf + 1 - pos]
-            self._line = b""
-            pos = lf + 1
-            if self._state == _TRAILER_LINE:
-                if line == b"\r\n":  # the blank line that ends the message
-                    self.finished = True
-                    self.end = pos
-                continue
-            digits = 0
-            while digits < len(line) and line[digits] in _HEX_DIGITS:
-                digits += 1
-            if digits > MAX_CHUNK_SIZE_DIGITS:
-                raise BadRequest(f"chunk size of more than {MAX_CHUNK_SIZE_DIGITS} hex digits")
-            if not digits:
-                self.finished = True  # llhttp refuses the line
-                return
-            size = int(line[:digits], 16)
-            if size:
-                self._left = size + 2
-                self._state = _DATA
-            else:
-                self._state = _TRAILER_LINE
 
 
 class RequestHandler(Protocol):

@@ -9,9 +9,10 @@ call to call.
 
 from __future__ import annotations
 
-from proxy.datapath.client_connection import ClientConnection, RequestBody
+from proxy.datapath.client_connection import ClientConnection
 from proxy.datapath.messages import RequestHead
 from proxy.datapath.planning import Plan
+from proxy.datapath.request_body import RequestBody
 from proxy.ops.metrics import UNMATCHED
 
 

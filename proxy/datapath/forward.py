@@ -26,7 +26,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 
-from proxy.datapath.client_connection import ClientConnection, RequestBody
+from proxy.datapath.client_connection import ClientConnection
 from proxy.datapath.context import RequestContext
 from proxy.datapath.decisions import (
     CLIENT_GONE,
@@ -54,6 +54,7 @@ from proxy.datapath.messages import (
 )
 from proxy.datapath.outcomes import Outcomes, write_interim
 from proxy.datapath.planning import Plan, Planner, Planners, link_local_refusal
+from proxy.datapath.request_body import RequestBody
 from proxy.datapath.runtime import Route, RuntimeHolder
 from proxy.datapath.timeouts import (
     PASSTHROUGH_CONNECT_TIMEOUT,
