@@ -131,6 +131,8 @@ def _describe_upstream(upstream: UpstreamConfig) -> list[tuple[str, object]]:
         ("url", upstream.url or "(the requested host)"),
         ("listen", upstream.listen or "(none)"),
     ]
+    if upstream.match.methods:
+        rows.insert(2, ("methods", ", ".join(upstream.match.methods)))
     if token.token_url is not None:
         rows.append(("token_url", token.token_url))
     else:

@@ -1,7 +1,8 @@
 """Cross-checks: rules between settings that each passed on their own.
 
-Two requests must never be claimed by two upstreams (a host written twice, `host`
-beside `host:443`, nested path prefixes), and no two listeners may share a port (the
+One request must never be claimed by two upstreams (a host written twice, `host`
+beside `host:443`, one path prefix twice, unless their methods tell them apart; nested
+prefixes are fine: the longest wins), and no two listeners may share a port (the
 proxy port, the admin port and the upstreams' reverse-proxy ports). Each problem is
 reported at the later of the two settings, naming the earlier one.
 """
@@ -44,12 +45,15 @@ def check_host_overlaps(reader: Reader, upstreams: Sequence[UpstreamConfig]) -> 
     seen: dict[str, list[tuple[UpstreamConfig, int, HostMatch]]] = {}
     for upstream in upstreams:
         prefix = upstream.match.path_prefix
+        methods = upstream.match.methods
         for index, host in enumerate(upstream.match.hosts):
             for other, other_index, other_host in seen.get(host.host, []):
                 other_prefix = other.match.path_prefix
+                other_methods = other.match.methods
                 if not (
                     _ports_overlap(host.port, other_host.port)
-                    and _prefixes_overlap(prefix, other_prefix)
+                    and prefix == other_prefix
+                    and _methods_overlap(methods, other_methods)
                 ):
                     continue
                 path = ("upstreams", upstream.name, "match", "hosts", f"[{index}]")
@@ -62,12 +66,15 @@ def check_host_overlaps(reader: Reader, upstreams: Sequence[UpstreamConfig]) -> 
                         "a host without a port matches ports 80 and 443"
                     )
                 else:
-                    prefixes = ""
-                    if prefix is not None and other_prefix is not None:
-                        prefixes = f", path prefixes {prefix} and {other_prefix}"
+                    details = ""
+                    if prefix is not None:
+                        details += f", path prefix {prefix}"
+                    shared = _shared_methods(methods, other_methods)
+                    if shared:
+                        details += f", methods {', '.join(shared)}"
                     problem = (
                         f"{this} of upstream {upstream.name} overlaps {that} of upstream "
-                        f"{other.name}{prefixes}: a request would match both"
+                        f"{other.name}{details}: a request would match both"
                     )
                 reader.fail(path, problem)
             seen.setdefault(host.host, []).append((upstream, index, host))
@@ -90,7 +97,12 @@ def _ports_overlap(a: int | None, b: int | None) -> bool:
     return False
 
 
-def _prefixes_overlap(a: str | None, b: str | None) -> bool:
-    if a is None or b is None:
-        return True
-    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+def _methods_overlap(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    # No methods: every method.
+    return not a or not b or any(method in b for method in a)
+
+
+def _shared_methods(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
+    if not a:
+        return b
+    return a if not b else tuple(method for method in a if method in b)

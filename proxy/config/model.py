@@ -88,12 +88,14 @@ class HostMatch:
 
 @dataclass(frozen=True)
 class MatchConfig:
-    """Which requests an upstream takes: exact hosts, and optionally a path prefix."""
+    """Which requests an upstream takes: exact hosts, and optionally a path prefix and methods."""
 
     hosts: tuple[HostMatch, ...]
     # Normalised without a trailing slash; matches the prefix itself and paths below it
     # on a segment boundary (`/api` matches `/api` and `/api/x`, not `/apiary`).
     path_prefix: str | None = None
+    # Upper-cased HTTP methods; empty: every method.
+    methods: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,9 @@ class UpstreamConfig:
     connect_timeout: float = 5.0
     timeout: float = 60.0  # waiting for the response head, and between body reads
     allow_insecure_http: bool = False
+    # Upstream answers with these statuses, to a request that carried our token, drop
+    # that token (idempotent requests are then sent again with a new one).
+    purge_on_status: tuple[int, ...] = (401,)
 
 
 @dataclass(frozen=True)

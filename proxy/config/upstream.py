@@ -1,18 +1,18 @@
 """Upstream sections (`upstreams.<name>`): which requests an upstream takes and what they get.
 
-Owns the upstream names (they become metric labels), `match` (exact hosts and a path
-prefix), where matched requests go (`url`, a reverse-proxy `listen` port, the TLS of
-that connection and its timeouts), and the injection settings (`header`, `overwrite`,
-`required`). The `token` section is read by `proxy.config.token`; checks across
-upstreams (overlapping hosts, shared ports) are in `proxy.config.checks`.
-"""
+Owns the upstream names (they become metric labels), `match` (exact hosts, a path
+prefix, methods), where matched requests go (`url`, a reverse-proxy `listen` port, the
+TLS of that connection and its timeouts), and the injection settings (`header`,
+`overwrite`, `required`, `purge_on_status`). The `token` section is read by
+`proxy.config.token`; checks across upstreams (overlapping hosts, shared ports) are in
+`proxy.config.checks`."""
 
 from __future__ import annotations
 
 import re
 
 from proxy.config.model import HostMatch, MatchConfig, TokenConfig, UpstreamConfig
-from proxy.config.scalars import address, boolean, duration, split_host_port
+from proxy.config.scalars import address, boolean, duration, integer, split_host_port
 from proxy.config.source import (
     MISSING,
     KeyPath,
@@ -111,6 +111,9 @@ def _upstream(section: Section, name: str) -> UpstreamConfig:
         connect_timeout=section.with_default("connect_timeout", duration, defaults.connect_timeout),
         timeout=section.with_default("timeout", duration, defaults.timeout),
         allow_insecure_http=allow_insecure_http,
+        purge_on_status=section.with_default(
+            "purge_on_status", _purge_statuses, defaults.purge_on_status
+        ),
     )
 
 
@@ -119,7 +122,45 @@ def _match(reader: Reader, path: KeyPath, value: object) -> MatchConfig:
     return MatchConfig(
         hosts=section.required("hosts", _host_matches),
         path_prefix=section.optional("path_prefix", _path_prefix),
+        methods=section.with_default("methods", _methods, ()),
     )
+
+
+def _methods(reader: Reader, path: KeyPath, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        hint = " (write [GET] for one method)" if isinstance(value, str) else ""
+        reader.fail(path, f"expected a list of HTTP methods, got {type_name(value)}{hint}")
+    if not value:
+        reader.fail(path, "must list at least one method (leave it out for every method)")
+    methods: list[str] = []
+    for index, item in enumerate(value):
+        item_path = (*path, f"[{index}]")
+        text = reader.string(item_path, item)
+        if not _HTTP_TOKEN.fullmatch(text):
+            reader.fail(item_path, f"{show(text)} is not an HTTP method")
+        method = text.upper()
+        if method == "CONNECT":
+            reader.fail(item_path, "CONNECT is not routed by method (a tunnel names only a host)")
+        if method in methods:
+            reader.fail(item_path, f"{method} is listed twice")
+        methods.append(method)
+    return tuple(methods)
+
+
+def _purge_statuses(reader: Reader, path: KeyPath, value: object) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        hint = " (write [401] for one status)" if isinstance(value, int) else ""
+        reader.fail(path, f"expected a list of HTTP status codes, got {type_name(value)}{hint}")
+    if not value:
+        reader.fail(path, "must list at least one status (the default is [401])")
+    statuses: list[int] = []
+    for index, item in enumerate(value):
+        item_path = (*path, f"[{index}]")
+        status = integer(reader, item_path, item, minimum=400, maximum=599)
+        if status in statuses:
+            reader.fail(item_path, f"{status} is listed twice")
+        statuses.append(status)
+    return tuple(statuses)
 
 
 def _host_matches(reader: Reader, path: KeyPath, value: object) -> tuple[HostMatch, ...]:

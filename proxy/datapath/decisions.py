@@ -6,8 +6,9 @@ conclude. Each asks here, with the request's `RequestContext`, and acts on the s
 integer it gets back:
 
 * `on_response_head`: relay the answer, splice an upgrade, refuse a 101 nobody asked
-  for (RFC 9110 §15.2.2), or, after a 401 to the token we sent, drop that token and
-  send the request again with a new one (once, when the method allows it).
+  for (RFC 9110 §15.2.2), or, after a 401 (or another of the upstream's
+  `purge_on_status`) to the token we sent, drop that token and send the request again
+  with a new one (once, when the method allows it).
 * `on_failure`: an exchange failed. Nobody to answer (the client went away), too late
   to answer (cut the client's response short), send again on a fresh connection (the
   idle keep-alive connection had been closed by the upstream before it read anything:
@@ -32,7 +33,7 @@ IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE
 RELAY: Final = 0  # relay it to the client
 UPGRADE: Final = 1  # 101 to an upgrade the client asked for: splice the two connections
 SWITCHED_UNASKED: Final = 2  # 101 nobody asked for: not HTTP any more, 502
-REPLAY_WITH_NEW_TOKEN: Final = 3  # 401 to our token, another one at hand: send again
+REPLAY_WITH_NEW_TOKEN: Final = 3  # our token refused, another one at hand: send again
 
 # What a failed exchange means.
 ANSWER_ERROR: Final = 4  # answer the error ourselves (502, 504, ...)
@@ -44,16 +45,17 @@ CLIENT_GONE: Final = 7  # nobody to answer
 def on_response_head(ctx: RequestContext, status: int) -> int:
     """What the final response head with `status` means for `ctx`'s request.
 
-    After a 401 to the token the request carried, that token is dropped (the provider
-    does this once per token, however many requests see the 401), whatever is decided.
+    After a status of the route's `purge_on_status` (401 by default) to the token the
+    request carried, that token is dropped (the provider does this once per token,
+    however many requests see the status), whatever is decided.
     """
     if status == 101:
         return UPGRADE if ctx.head.upgrade else SWITCHED_UNASKED
-    if status == 401 and ctx.injected and not ctx.replayed:
+    if status >= 400 and ctx.injected and not ctx.replayed:
         plan = ctx.plan
         route = plan.route if plan is not None else None
         token = ctx.token
-        if route is not None and token is not None:
+        if route is not None and token is not None and status in route.purge_on_status:
             route.provider.invalidate(token)
             # The provider keeps a token it was told about moments ago (an upstream that
             # refuses every token must not turn requests into token fetches): no replay

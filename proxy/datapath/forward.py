@@ -6,8 +6,9 @@ decides where a request goes. Then, for each request it
 1. takes the upstream's token from its provider without waiting while one is valid,
 2. sends the head (hop-by-hop fields removed, token set once) and streams the body,
 3. relays the response head and streams the body back, re-framing as needed,
-4. on a 401 to a token it sent, drops that token and retries once when the request
-   can be replayed (idempotent, body small enough to have been kept).
+4. on a 401 (or another `purge_on_status`) to a token it sent, drops that token and
+   retries once when the request can be replayed (idempotent, body small enough to
+   have been kept).
 
 Body-less requests with a token and an idle upstream connection at hand take the fast
 path (`proxy.datapath.fast_path`), entirely in protocol callbacks; everything else, and
@@ -280,13 +281,13 @@ class Forwarder:
             return self._outcomes.refuse(ctx, error)
 
     async def _take_new_token(self, ctx: RequestContext) -> None:
-        """After a 401 to the request's token (dropped by then): wait for another."""
+        """After the upstream refused the request's token (dropped by then): wait for another."""
         plan = ctx.plan
         route = plan.route if plan is not None else None
         assert route is not None
         self._metrics.upstream_unauthorized_retries.labels(upstream=route.name).inc()
         log.info(
-            "upstream answered 401; retrying once with a new token",
+            "upstream refused the token; retrying once with a new token",
             extra={"event": "unauthorized_retry", "upstream": route.name},
         )
         ctx.token = await route.provider.get()

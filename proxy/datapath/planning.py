@@ -73,7 +73,7 @@ class Planners:
                 "(http://host/path), as HTTP_PROXY clients do"
             )
         check_host_fields(head)
-        return self.plan_target(parse_absolute_target(head.target))
+        return self.plan_target(parse_absolute_target(head.target), head.method)
 
     def plan_reverse(self, upstream_name: str, head: RequestHead) -> Plan:
         runtime = self._holder.current
@@ -111,11 +111,13 @@ class Planners:
             if named != (host, port):
                 # Host confusion: the token would be chosen for one host and sent to another.
                 raise BadRequest("Host header does not match the CONNECT authority")
-        return self.plan_target(Target(scheme, host, port, path))
+        return self.plan_target(Target(scheme, host, port, path), head.method)
 
-    def plan_target(self, target: Target) -> Plan:
+    def plan_target(self, target: Target, method: str) -> Plan:
         runtime = self._holder.current
-        upstream = runtime.router.match(target.scheme, target.host, target.port, target.path)
+        upstream = runtime.router.match(
+            target.scheme, target.host, target.port, target.path, method
+        )
         route = runtime.route_for(upstream)
         if route is None:
             if runtime.config.unknown_hosts == "deny":

@@ -6,7 +6,8 @@ The rules that keep a token on the hosts it was meant for live here:
   on the port it names, or on the scheme's default port when it names none.
 * Anything that is not a plain DNS name or IP literal (userinfo, percent-encoding,
   non-ASCII, empty labels) is refused as a bad request rather than guessed at.
-* An optional `path_prefix` matches on a segment boundary.
+* An optional `path_prefix` matches on a segment boundary; of nested prefixes on one
+  host, the longest wins. Optional `methods` tell upstreams of one host and path apart.
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ def path_matches(prefix: str | None, path: bytes) -> bool:
 
 
 class _Candidates:
-    """The upstreams configured for one host and port (None: the scheme's default)."""
+    """The upstreams one request's host and port may go to, longest path prefix first
+    (upstreams without a prefix last; config order among equal prefixes)."""
 
     __slots__ = ("by_path", "upstreams")
 
@@ -191,28 +193,53 @@ class _Candidates:
         self.upstreams: list[UpstreamConfig] = []
         self.by_path = False  # some of them are routed by path_prefix
 
+    def add(self, upstream: UpstreamConfig) -> None:
+        if upstream in self.upstreams:
+            return
+        self.upstreams.append(upstream)
+        self.upstreams.sort(key=_prefix_length, reverse=True)  # stable: config order kept
+        self.by_path = self.by_path or bool(upstream.match.path_prefix)
+
+
+def _prefix_length(upstream: UpstreamConfig) -> int:
+    prefix = upstream.match.path_prefix
+    return len(prefix) if prefix is not None else 0
+
 
 class Router:
-    """Maps (scheme, host, port, path) to the upstream that matches it, if any."""
+    """Maps (scheme, host, port, path, method) to the upstream that matches it, if any."""
 
     def __init__(self, upstreams: tuple[UpstreamConfig, ...]) -> None:
         self.upstreams = upstreams
-        # Host -> port -> candidates, looked up without building a key per request.
+        # Host -> port -> the upstreams whose entry names that port (None: no port). What
+        # CONNECT claims, which names no scheme.
         self._table: dict[str, dict[int | None, _Candidates]] = {}
+        # Host -> scheme -> the upstreams for the scheme's default port: the entries that
+        # name that port and those that name none, merged, so that the longest prefix
+        # wins across both.
+        self._defaults: dict[str, dict[str, _Candidates]] = {}
         for upstream in upstreams:
             for entry in upstream.match.hosts:
                 ports = self._table.setdefault(entry.host, {})
-                candidates = ports.setdefault(entry.port, _Candidates())
-                candidates.upstreams.append(upstream)
-                candidates.by_path = candidates.by_path or bool(upstream.match.path_prefix)
+                ports.setdefault(entry.port, _Candidates()).add(upstream)
+                defaults = self._defaults.setdefault(entry.host, {})
+                for scheme, default_port in DEFAULT_PORTS.items():
+                    if entry.port is None or entry.port == default_port:
+                        defaults.setdefault(scheme, _Candidates()).add(upstream)
 
-    def match(self, scheme: str, host: str, port: int, path: bytes) -> UpstreamConfig | None:
-        ports = self._table.get(host)
-        if ports is None:
-            return None
-        candidates = ports.get(port)
-        if candidates is None and port == DEFAULT_PORTS.get(scheme):
-            candidates = ports.get(None)
+    def match(
+        self, scheme: str, host: str, port: int, path: bytes, method: str
+    ) -> UpstreamConfig | None:
+        if port == DEFAULT_PORTS.get(scheme):
+            defaults = self._defaults.get(host)
+            if defaults is None:
+                return None
+            candidates = defaults.get(scheme)
+        else:
+            ports = self._table.get(host)
+            if ports is None:
+                return None
+            candidates = ports.get(port)
         if candidates is None:
             return None
         if candidates.by_path and has_dot_segment(path):
@@ -220,23 +247,28 @@ class Router:
             # §5.2.4): the token of /a's upstream would reach the path of another.
             raise BadRequest("dot-segments in the path of a host routed by path_prefix")
         for upstream in candidates.upstreams:
-            if path_matches(upstream.match.path_prefix, path):
+            match = upstream.match
+            if path_matches(match.path_prefix, path) and (
+                not match.methods or method in match.methods
+            ):
                 return upstream
         return None
 
     def claimants(self, host: str, port: int) -> list[UpstreamConfig]:
-        """The upstreams that match this host and port on some path, in either scheme.
+        """The upstreams that match this host and port on some path and method, in either
+        scheme.
 
         A CONNECT tunnel names no scheme: what it carries may be TLS or plain HTTP. So a
         host entry without a port is claimed on both default ports here (80 as much as
         443); otherwise a tunnel to port 80 would carry requests to a configured host
-        without its token. (The config loader refuses `host` beside `host:80` or
-        `host:443`, so at most one of the two lookups finds anything.)
+        without its token. Methods play no part: the tunnel carries any.
         """
         ports = self._table.get(host)
         if ports is None:
             return []
-        candidates = ports.get(port)
-        if candidates is None and port in _DEFAULT_PORT_NUMBERS:
-            candidates = ports.get(None)
-        return list(candidates.upstreams) if candidates is not None else []
+        claimed: list[UpstreamConfig] = []
+        for key in (port, None) if port in _DEFAULT_PORT_NUMBERS else (port,):
+            candidates = ports.get(key)
+            if candidates is not None:
+                claimed.extend(u for u in candidates.upstreams if u not in claimed)
+        return claimed

@@ -34,6 +34,8 @@ class Route:
     # Set when the upstream has a `url`: every matched request goes there.
     origin: Origin | None
     host_header: bytes | None
+    # config.purge_on_status: answers with these statuses drop the token they refused.
+    purge_on_status: frozenset[int]
 
 
 def build_route(upstream: UpstreamConfig, provider: TokenProvider) -> Route:
@@ -52,6 +54,7 @@ def build_route(upstream: UpstreamConfig, provider: TokenProvider) -> Route:
         injector=Injector(upstream.header, upstream.overwrite),
         origin=origin,
         host_header=host_header,
+        purge_on_status=frozenset(upstream.purge_on_status),
     )
 
 

@@ -95,7 +95,8 @@ class Metrics:
         r.register(self.request_stats)
         self.upstream_unauthorized_retries = Counter(
             "token_proxy_upstream_unauthorized_retries_total",
-            "Requests retried with a new token after the upstream answered 401.",
+            "Requests retried with a new token after the upstream answered 401 "
+            "(or another of its purge_on_status).",
             ["upstream"],
             registry=r,
         )

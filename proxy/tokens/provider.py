@@ -185,7 +185,8 @@ class TokenProvider:
         raise self._unavailable()
 
     def invalidate(self, token: str) -> None:
-        """The upstream answered 401 to `token`: if still cached, drop it and fetch anew.
+        """The upstream refused `token` (a `purge_on_status` answer, 401 by default): if
+        still cached, drop it and fetch anew.
 
         Calls for a token that is no longer the cached one do nothing, so any number of
         concurrent calls for one token cause one fetch. Within `invalidate_interval` of the

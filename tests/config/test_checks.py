@@ -49,27 +49,44 @@ CASES = [
         "a request would match both",
     ),
     Case(
-        "nested-path-prefixes-overlap",
+        "identical-path-prefixes",
         {
             f"{UP}.match.path_prefix": "/api",
             "upstreams.billing": second(
-                match={"hosts": ["inventory.internal"], "path_prefix": "/api/v2/"}
+                match={"hosts": ["inventory.internal"], "path_prefix": "/api/"}
             ),
         },
         "upstreams.billing.match.hosts[0]",
         "inventory.internal of upstream billing overlaps inventory.internal of upstream "
-        "inventory, path prefixes /api/v2 and /api: a request would match both",
+        "inventory, path prefix /api: a request would match both",
     ),
     Case(
-        "prefix-overlaps-no-prefix",
+        "identical-prefixes-with-shared-methods",
         {
+            f"{UP}.match.path_prefix": "/api",
+            f"{UP}.match.methods": ["GET", "HEAD"],
             "upstreams.billing": second(
-                match={"hosts": ["inventory.internal"], "path_prefix": "/billing"}
+                match={
+                    "hosts": ["inventory.internal"],
+                    "path_prefix": "/api",
+                    "methods": ["post", "head"],
+                }
             ),
         },
         "upstreams.billing.match.hosts[0]",
         "inventory.internal of upstream billing overlaps inventory.internal of upstream "
-        "inventory: a request would match both",
+        "inventory, path prefix /api, methods HEAD: a request would match both",
+    ),
+    Case(
+        "methods-beside-every-method",
+        {
+            "upstreams.billing": second(
+                match={"hosts": ["inventory.internal"], "methods": ["DELETE"]}
+            ),
+        },
+        "upstreams.billing.match.hosts[0]",
+        "inventory.internal of upstream billing overlaps inventory.internal of upstream "
+        "inventory, methods DELETE: a request would match both",
     ),
     Case(
         "admin-conflicts-with-listen",
@@ -123,8 +140,31 @@ def test_each_problem_names_file_key_path_and_problem(
             {"hosts": ["inventory.internal"], "path_prefix": "/api/v2"},
         ),
         ({"hosts": ["inventory.internal"]}, {"hosts": ["inventory.internal.example"]}),
+        (
+            {"hosts": ["inventory.internal"], "path_prefix": "/api"},
+            {"hosts": ["inventory.internal"], "path_prefix": "/api/admin"},
+        ),
+        ({"hosts": ["inventory.internal"]}, {"hosts": ["inventory.internal"], "path_prefix": "/b"}),
+        (
+            {"hosts": ["inventory.internal"], "path_prefix": "/api"},
+            {"hosts": ["inventory.internal:443"], "path_prefix": "/api/admin"},
+        ),
+        (
+            {"hosts": ["inventory.internal"], "methods": ["GET", "HEAD"]},
+            {"hosts": ["inventory.internal"], "methods": ["POST", "PUT", "PATCH", "DELETE"]},
+        ),
     ],
-    ids=["other-port", "80-vs-443", "prefix-not-on-segment", "sibling-prefixes", "other-host"],
+    ids=[
+        "other-port",
+        "80-vs-443",
+        "prefix-not-on-segment",
+        "sibling-prefixes",
+        "other-host",
+        "nested-prefixes",
+        "prefix-below-no-prefix",
+        "nested-prefixes-across-default-port",
+        "disjoint-methods",
+    ],
 )
 def test_matches_that_do_not_overlap_are_accepted(
     first: dict[str, Any], second_match: dict[str, Any], tmp_path: Path, files: Path

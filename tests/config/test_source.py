@@ -56,7 +56,7 @@ CASES = [
         "unknown-match-key-no-suggestion",
         {f"{UP}.match.zzz": 1},
         f"{UP}.match.zzz",
-        "unknown key (expected one of: hosts, path_prefix)",
+        "unknown key (expected one of: hosts, path_prefix, methods)",
     ),
     Case(
         "unknown-limits-key",
@@ -312,7 +312,7 @@ def test_section_keys_come_from_the_dataclasses() -> None:
     assert set(UPSTREAM_KEYS) == fields[UpstreamConfig] - {"name", "tls"} | set(TLS_KEYS)
     assert set(yaml_keys(ProxyConfig, skip={"source"})) == fields[ProxyConfig] - {"source"}
     # In the fields' order, with an expansion in the place of its field.
-    assert yaml_keys(MatchConfig) == ("hosts", "path_prefix")
+    assert yaml_keys(MatchConfig) == ("hosts", "path_prefix", "methods")
     assert yaml_keys(RedisConfig) == ("url", "username", "password_file", "ca_file")
     assert yaml_keys(TokenConfig, expand={"tls": ("x", "y")})[-3:] == ("x", "y", "cache")
 

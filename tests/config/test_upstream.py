@@ -6,7 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.config.documents import DELETE, SECOND_UPSTREAM, UP, Case, assert_problem
+from proxy.config import load_config
+from tests.config.documents import (
+    DELETE,
+    ENV,
+    SECOND_UPSTREAM,
+    UP,
+    Case,
+    assert_problem,
+    edited,
+    write,
+)
 
 CASES = [
     Case("missing-match", {f"{UP}.match": DELETE}, f"{UP}.match", "missing"),
@@ -70,6 +80,66 @@ CASES = [
         ]
     ),
     Case(
+        "purge-on-a-success-status",
+        {f"{UP}.purge_on_status": [401, 200]},
+        f"{UP}.purge_on_status[1]",
+        "must be from 400 to 599",
+    ),
+    Case(
+        "purge-on-status-not-a-list",
+        {f"{UP}.purge_on_status": 403},
+        f"{UP}.purge_on_status",
+        "expected a list of HTTP status codes, got an integer (write [401] for one status)",
+    ),
+    Case(
+        "purge-on-status-empty",
+        {f"{UP}.purge_on_status": []},
+        f"{UP}.purge_on_status",
+        "must list at least one status (the default is [401])",
+    ),
+    Case(
+        "purge-on-status-not-an-integer",
+        {f"{UP}.purge_on_status": ["403"]},
+        f"{UP}.purge_on_status[0]",
+        "expected an integer, got a string",
+    ),
+    Case(
+        "purge-on-status-twice",
+        {f"{UP}.purge_on_status": [401, 403, 401]},
+        f"{UP}.purge_on_status[2]",
+        "401 is listed twice",
+    ),
+    Case(
+        "method-not-a-token",
+        {f"{UP}.match.methods": ["GET", "GET /"]},
+        f"{UP}.match.methods[1]",
+        "'GET /' is not an HTTP method",
+    ),
+    Case(
+        "methods-empty",
+        {f"{UP}.match.methods": []},
+        f"{UP}.match.methods",
+        "must list at least one method (leave it out for every method)",
+    ),
+    Case(
+        "methods-not-a-list",
+        {f"{UP}.match.methods": "GET"},
+        f"{UP}.match.methods",
+        "expected a list of HTTP methods, got a string (write [GET] for one method)",
+    ),
+    Case(
+        "method-twice",
+        {f"{UP}.match.methods": ["GET", "get"]},
+        f"{UP}.match.methods[1]",
+        "GET is listed twice",
+    ),
+    Case(
+        "method-connect",
+        {f"{UP}.match.methods": ["CONNECT"]},
+        f"{UP}.match.methods[0]",
+        "CONNECT is not routed by method (a tunnel names only a host)",
+    ),
+    Case(
         "bad-upstream-name",
         {"upstreams.bad name!": SECOND_UPSTREAM},
         "upstreams.bad name!",
@@ -90,3 +160,16 @@ def test_each_problem_names_file_key_path_and_problem(
     case: Case, tmp_path: Path, files: Path
 ) -> None:
     assert_problem(case, tmp_path, files)
+
+
+def test_methods_are_upper_cased_and_purge_statuses_kept(tmp_path: Path, files: Path) -> None:
+    document = edited({f"{UP}.match.methods": ["get", "Head"], f"{UP}.purge_on_status": [401, 403]})
+    (upstream,) = load_config(write(tmp_path, document, files), environ=ENV).upstreams
+    assert upstream.match.methods == ("GET", "HEAD")
+    assert upstream.purge_on_status == (401, 403)
+
+
+def test_defaults_are_every_method_and_a_purge_on_401(tmp_path: Path, files: Path) -> None:
+    (upstream,) = load_config(write(tmp_path, edited({}), files), environ=ENV).upstreams
+    assert upstream.match.methods == ()
+    assert upstream.purge_on_status == (401,)

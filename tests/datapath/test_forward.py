@@ -18,6 +18,8 @@ from yarl import URL
 from proxy.app import ProxyApp
 from proxy.config import Address, LimitsConfig
 from tests.support.configs import (
+    CLIENT_ID,
+    CLIENT_SECRET,
     StartProxy,
     proxy_config,
     proxy_url,
@@ -293,6 +295,99 @@ async def test_path_prefix_limits_what_gets_the_token(
         status, _, _ = await get(app, f"http://{host}{path}")
         assert status == 200
         assert (upstream.last().header("Authorization") is not None) is expect_token, path
+
+
+@pytest.mark.parametrize(
+    ("purge_on_status", "replayed"), [((401, 403), True), ((401,), False)], ids=["403", "default"]
+)
+async def test_purge_on_status_drops_the_refused_token(
+    start_proxy: StartProxy,
+    token_server: TokenServer,
+    upstream: Upstream,
+    purge_on_status: tuple[int, ...],
+    replayed: bool,
+) -> None:
+    upstream.refusal_status = 403
+    app = await start_inventory(
+        start_proxy, token_server, upstream, purge_on_status=purge_on_status
+    )
+    status, _, _ = await get(app, "http://inventory.internal/warm")
+    assert status == 200
+    first = token_server.issued[-1]
+    token_server.revoke(first)
+    status, _, _ = await get(app, "http://inventory.internal/again")
+    tried = [seen.header("Authorization") for seen in upstream.received if seen.path == "/again"]
+    if replayed:
+        assert status == 200
+        assert len(token_server.issued) == 2
+        assert tried == [f"Bearer {first}", f"Bearer {token_server.issued[-1]}"]
+    else:
+        # A 403 outside purge_on_status is relayed, and the token kept.
+        assert status == 403
+        assert len(token_server.issued) == 1
+        assert tried == [f"Bearer {first}"]
+
+
+async def test_methods_tell_upstreams_of_one_host_apart(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    upstream.validate = None  # tokens of two token servers
+    host = f"127.0.0.1:{upstream.port}"
+    async with TokenServer(clients={CLIENT_ID: CLIENT_SECRET}) as write_server:
+        app = await start_proxy(
+            proxy_config(
+                upstream_config(
+                    "reader",
+                    [host],
+                    token_config(token_server, scope=("read",)),
+                    methods=("GET", "HEAD"),
+                ),
+                upstream_config("writer", [host], token_config(write_server, scope=("write",))),
+            )
+        )
+        methods = ["GET", "HEAD", "POST", "DELETE", "PUT", "GET"]
+        async with aiohttp.ClientSession() as session:
+            for method in methods:
+                async with session.request(
+                    method, f"http://{host}/api/x", proxy=proxy_url(app)
+                ) as response:
+                    assert response.status == 200, method
+        (read,) = token_server.issued
+        (write,) = write_server.issued
+    assert [seen.method for seen in upstream.received] == methods
+    assert [seen.header("Authorization") for seen in upstream.received] == [
+        f"Bearer {token}" for token in (read, read, write, write, write, read)
+    ]
+
+
+async def test_the_longest_path_prefix_wins(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    upstream.validate = None  # tokens of two token servers
+    host = f"127.0.0.1:{upstream.port}"
+    async with TokenServer(clients={CLIENT_ID: CLIENT_SECRET}) as admin_server:
+        app = await start_proxy(
+            proxy_config(
+                upstream_config("api", [host], token_config(token_server), path_prefix="/api"),
+                upstream_config(
+                    "admin", [host], token_config(admin_server), path_prefix="/api/admin"
+                ),
+            )
+        )
+        seen: dict[str, str | None] = {}
+        for path in ["/api/admin/users", "/api/admin", "/api/stock", "/api/administrator", "/api"]:
+            status, _, _ = await get(app, f"http://{host}{path}")
+            assert status == 200, path
+            seen[path] = upstream.last().header("Authorization")
+        (api,) = token_server.issued
+        (admin,) = admin_server.issued
+    assert seen == {
+        "/api/admin/users": f"Bearer {admin}",
+        "/api/admin": f"Bearer {admin}",
+        "/api/stock": f"Bearer {api}",
+        "/api/administrator": f"Bearer {api}",
+        "/api": f"Bearer {api}",
+    }
 
 
 # aiohttp sends the URL it is given as the absolute-form target: `GET ws://host/ws`.

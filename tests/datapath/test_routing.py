@@ -33,7 +33,7 @@ ROUTER = Router(
 
 def route(target: bytes) -> str | None:
     parsed = parse_absolute_target(target)
-    match = ROUTER.match(parsed.scheme, parsed.host, parsed.port, parsed.path)
+    match = ROUTER.match(parsed.scheme, parsed.host, parsed.port, parsed.path, "GET")
     return match.name if match else None
 
 
@@ -109,7 +109,7 @@ def test_only_exact_configured_hosts_ever_match(authority: str) -> None:
         parsed = parse_absolute_target(b"http://" + authority.encode() + b"/")
     except BadRequest:
         return
-    name = ROUTER.match(parsed.scheme, parsed.host, parsed.port, parsed.path)
+    name = ROUTER.match(parsed.scheme, parsed.host, parsed.port, parsed.path, "GET")
     if name is not None:
         assert (parsed.host, parsed.port) in {
             ("inventory.internal", 80),
@@ -194,7 +194,7 @@ def test_connect_claims_exactly_the_ports_that_absolute_form_matches(
     router = Router((upstream("vm", entry, prefix=prefix),))
     path = (prefix or "/").encode()
     for port in (80, 443, 8080, 8443):
-        matched = any(router.match(scheme, "vm.internal", port, path) for scheme in SCHEMES)
+        matched = any(router.match(scheme, "vm.internal", port, path, "GET") for scheme in SCHEMES)
         assert bool(router.claimants("vm.internal", port)) == matched, port
     claimed = {port for port in (80, 443, 8080) if router.claimants("vm.internal", port)}
     # A host without a port claims both default ports.
@@ -220,3 +220,82 @@ def test_connect_claims_exactly_the_ports_that_absolute_form_matches(
 )
 def test_loopback_is_an_ip_literal_or_localhost(host: str, loopback: bool) -> None:
     assert is_loopback_host(host) is loopback
+
+
+def methods_upstream(name: str, prefix: str | None, *methods: str) -> UpstreamConfig:
+    return UpstreamConfig(
+        name=name,
+        match=MatchConfig((HostMatch("api.internal"),), prefix, methods),
+        token=TokenConfig(client_id="c", token_url="http://127.0.0.1/t"),
+    )
+
+
+NESTED = Router(
+    (
+        methods_upstream("root", None),
+        methods_upstream("api", "/api"),
+        methods_upstream("admin-read", "/api/admin", "GET", "HEAD"),
+        methods_upstream("admin-write", "/api/admin"),
+        methods_upstream("deep", "/api/admin/keys"),
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        ("GET", b"/", "root"),
+        ("GET", b"/apiary", "root"),
+        ("GET", b"/api", "api"),
+        ("POST", b"/api/stock?x=/api/admin", "api"),
+        ("GET", b"/api/admin", "admin-read"),
+        ("HEAD", b"/api/admin/users", "admin-read"),
+        ("POST", b"/api/admin/users", "admin-write"),
+        ("get", b"/api/admin/users", "admin-write"),  # methods are case-sensitive
+        ("GET", b"/api/administrator", "api"),
+        ("GET", b"/api/admin/keys/1", "deep"),
+        ("DELETE", b"/api/admin/keys", "deep"),
+    ],
+)
+def test_the_longest_prefix_then_the_method_decides(
+    method: str, path: bytes, expected: str
+) -> None:
+    for scheme in SCHEMES:
+        matched = NESTED.match(scheme, "api.internal", routing.DEFAULT_PORTS[scheme], path, method)
+        assert matched is not None, (scheme, method, path)
+        assert matched.name == expected, (scheme, method, path)
+
+
+def test_upstreams_with_methods_only_match_those_methods() -> None:
+    router = Router((methods_upstream("reader", None, "GET", "HEAD"),))
+    assert router.match("https", "api.internal", 443, b"/x", "GET") is not None
+    assert router.match("https", "api.internal", 443, b"/x", "POST") is None
+    # A tunnel carries any method: it is claimed all the same.
+    assert [u.name for u in router.claimants("api.internal", 443)] == ["reader"]
+
+
+def test_nested_prefixes_across_a_default_port_entry() -> None:
+    outer = UpstreamConfig(
+        name="outer",
+        match=MatchConfig((HostMatch("api.internal", 443),), "/api"),
+        token=TokenConfig(client_id="c", token_url="http://127.0.0.1/t"),
+    )
+    inner = UpstreamConfig(
+        name="inner",
+        match=MatchConfig((HostMatch("api.internal"),), "/api/admin"),
+        token=TokenConfig(client_id="c", token_url="http://127.0.0.1/t"),
+    )
+    router = Router((outer, inner))
+
+    def name(scheme: str, port: int, path: bytes) -> str | None:
+        matched = router.match(scheme, "api.internal", port, path, "GET")
+        return matched.name if matched is not None else None
+
+    assert name("https", 443, b"/api/admin/x") == "inner"
+    assert name("https", 443, b"/api/x") == "outer"
+    assert name("http", 80, b"/api/admin/x") == "inner"
+    assert name("http", 80, b"/api/x") is None
+    assert name("http", 443, b"/api/admin/x") == "outer"  # `inner` takes 443 for https only
+    assert name("http", 443, b"/api/x") == "outer"
+    assert [u.name for u in router.claimants("api.internal", 443)] == ["outer", "inner"]
+    assert [u.name for u in router.claimants("api.internal", 80)] == ["inner"]

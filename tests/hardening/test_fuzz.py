@@ -114,7 +114,7 @@ def test_a_configured_host_matches_every_spelling_of_itself(
     request_port = port if port is not None else data.draw(st.sampled_from([None, default]))
     target = f"{scheme}://{_authority(_spell(host, data), request_port)}/x"
     parsed = parse_absolute_target(target.encode())
-    assert router.match(parsed.scheme, parsed.host, parsed.port, parsed.path) is not None
+    assert router.match(parsed.scheme, parsed.host, parsed.port, parsed.path, "GET") is not None
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -130,7 +130,7 @@ def test_a_different_host_or_port_never_matches(
     router = _load_hosts(scratch, [_authority(configured, port)])
     target = f"http://{_authority(_spell(requested, data), other_port)}/x"
     parsed = parse_absolute_target(target.encode())
-    matched = router.match(parsed.scheme, parsed.host, parsed.port, parsed.path) is not None
+    matched = router.match(parsed.scheme, parsed.host, parsed.port, parsed.path, "GET") is not None
     requested_port = other_port if other_port is not None else 80
     configured_port = port if port is not None else 80  # no port: the scheme's default
     assert matched == (configured == requested and configured_port == requested_port)
@@ -149,10 +149,10 @@ def test_ipv6_hosts_match_in_any_spelling(
     router = _load_hosts(scratch, [f"[{configured}]:{port}"])
     spelled = data.draw(st.sampled_from([address.compressed, address.exploded.upper()]))
     parsed = parse_absolute_target(f"http://[{spelled}]:{port}/".encode())
-    assert router.match(parsed.scheme, parsed.host, parsed.port, parsed.path) is not None
+    assert router.match(parsed.scheme, parsed.host, parsed.port, parsed.path, "GET") is not None
     other = ipaddress.IPv6Address((int(address) + 1) % 2**128)
     parsed = parse_absolute_target(f"http://[{other.compressed}]:{port}/".encode())
-    assert router.match(parsed.scheme, parsed.host, parsed.port, parsed.path) is None
+    assert router.match(parsed.scheme, parsed.host, parsed.port, parsed.path, "GET") is None
 
 
 # Insertions that have confused host parsers: separators, encodings, look-alike dots,
@@ -242,7 +242,7 @@ def test_mutated_authorities_match_only_an_exact_configured_host(
         parsed = parse_absolute_target(raw)
     except BadRequest:
         return
-    if _STATIC_ROUTER.match(parsed.scheme, parsed.host, parsed.port, parsed.path) is None:
+    if _STATIC_ROUTER.match(parsed.scheme, parsed.host, parsed.port, parsed.path, "GET") is None:
         return
     assert (parsed.host, parsed.port) in {("inventory.internal", 8443), ("inventory.internal", 80)}
     # The bytes said so plainly: no decoding, folding or truncation led there.
@@ -267,7 +267,7 @@ def test_host_entries_the_config_accepts_are_ones_routing_can_match(
     port = match.port if match.port is not None else 80
     parsed = parse_absolute_target(f"http://{_authority(match.host, port)}/".encode())
     assert (parsed.host, parsed.port) == (match.host, port)
-    assert router.match("http", parsed.host, parsed.port, parsed.path) is upstream
+    assert router.match("http", parsed.host, parsed.port, parsed.path, "GET") is upstream
 
 
 # -- the request path, live --------------------------------------------------------------------

@@ -61,7 +61,9 @@ def upstream_config(
         target = TargetUrl(scheme, host, int(port) if port else (443 if scheme == "https" else 80))  # type: ignore[arg-type]
     return UpstreamConfig(
         name=name,
-        match=MatchConfig(tuple(matches), changes.pop("path_prefix", None)),
+        match=MatchConfig(
+            tuple(matches), changes.pop("path_prefix", None), changes.pop("methods", ())
+        ),
         token=token,
         url=target,
         **changes,

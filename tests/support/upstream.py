@@ -7,7 +7,8 @@ Routes:
 - `/stream/{n}`: n bytes, chunked; `/sized/{n}`: n bytes with Content-Length;
 - `/upload`: reads the body in a streaming way and answers its size and a checksum;
 - `/slow/{seconds}`: waits before answering; `/ws`: a WebSocket echo.
-If a `validate` callback is set, requests whose Authorization it rejects get 401.
+If a `validate` callback is set, requests whose Authorization it rejects get 401 (or
+`refusal_status`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Upstream:
     """A recording upstream API server."""
 
     validate: Callable[[str | None], bool] | None = None
+    refusal_status: int = 401
     received: list[Received] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
@@ -86,7 +88,7 @@ class Upstream:
         record = Received(request.method, request.raw_path, raw_headers, peer=str(peer))
         self.received.append(record)
         if self.validate is not None and not self.validate(request.headers.get("Authorization")):
-            return web.json_response({"error": "invalid_token"}, status=401)
+            return web.json_response({"error": "invalid_token"}, status=self.refusal_status)
         path = request.path
         if path == "/ws":
             return await self._websocket(request)
