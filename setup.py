@@ -36,6 +36,7 @@ COMPILED_MODULES = [
     "proxy/datapath/request_body.py",
     "proxy/datapath/routing.py",
     "proxy/datapath/runtime.py",
+    "proxy/datapath/speedups.py",
     "proxy/datapath/states.py",
     "proxy/datapath/timeouts.py",
     "proxy/datapath/upstream_connection.py",

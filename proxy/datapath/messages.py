@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from proxy.datapath.speedups import decimal
 from proxy.errors import REASON_PHRASES
 
 Headers = list[tuple[bytes, bytes]]
@@ -64,10 +65,6 @@ _SET_ASIDE_BY_SHAPE: Final = _names_by_shape()
 _CASE_BIT: Final = 0x20  # set in an ASCII letter's lower-case form
 _LOWER_A: Final = 97  # ord("a")
 _COLON: Final = 58  # ord(":")
-_SPACE: Final = 32
-_TAB: Final = 9
-_ZERO: Final = 48  # ord("0")
-_MAX_DIGITS: Final = 18  # any such number fits a native (63-bit) int
 
 # For a status line that came without a reason phrase.
 _STATUS_REASONS: Final = {code: phrase.encode("ascii") for code, phrase in REASON_PHRASES.items()}
@@ -242,7 +239,7 @@ def read_response_head(raw: bytes, status: int, keep_alive: bool) -> ResponseHea
             if name is not None and line[:colon].lower() == name:
                 value = line[colon + 1 :]
                 if name == b"content-length":
-                    content_length = _decimal(value)  # llhttp refuses duplicates and non-digits
+                    content_length = decimal(value)  # llhttp refuses duplicates and non-digits
                 elif name == b"transfer-encoding":
                     chunked = value.rstrip().lower().endswith(b"chunked")
                 elif name == b"connection":
@@ -273,27 +270,6 @@ def read_response_head(raw: bytes, status: int, keep_alive: bool) -> ResponseHea
         chunked=chunked,
         upgrade_to=upgrade_to,
     )
-
-
-def _decimal(value: bytes) -> int:
-    """`int(value)` for a field value llhttp accepted as a Content-Length: digits between
-    optional blanks. Read byte by byte: `int()` of bytes costs several times more.
-    Anything else (never seen after llhttp) is left to `int()`, errors included."""
-    start = 0
-    end = len(value)
-    while start < end and (value[start] == _SPACE or value[start] == _TAB):
-        start += 1
-    while end > start and (value[end - 1] == _SPACE or value[end - 1] == _TAB):
-        end -= 1
-    if start == end or end - start > _MAX_DIGITS:
-        return int(value)
-    number = 0
-    for index in range(start, end):
-        digit = value[index] - _ZERO
-        if not 0 <= digit <= 9:
-            return int(value)
-        number = number * 10 + digit
-    return number
 
 
 # RFC 9110 §7.6.3: the protocol the message was received with, and who received it.

@@ -17,6 +17,7 @@ import re
 from typing import Final
 
 from proxy.config import UpstreamConfig
+from proxy.datapath.speedups import slash_after_authority
 from proxy.errors import BadRequest
 
 DEFAULT_PORTS: Final = {"http": 80, "https": 443}
@@ -100,15 +101,13 @@ def split_authority(authority: str, default_port: int | None) -> tuple[str, int]
 # it fills (a client cycling through hosts gains nothing, and costs one parse each).
 _PARSED_ORIGINS: Final[dict[bytes, tuple[str, str, int]]] = {}
 _PARSED_ORIGINS_MAX: Final = 1024
-_COLON: Final = 58  # ord(":")
-_SLASH: Final = 47  # ord("/")
 
 
 def parse_absolute_target(target: bytes) -> Target:
     """Parse an absolute-form request target (RFC 9112 §3.2.2), keeping the path's bytes."""
     # Nearly always the authority ends at a '/': if what precedes it is a known origin,
     # it holds no '?' or '#' either (no cached origin does), so that is where it ends.
-    cut = _slash_after_authority(target)
+    cut = slash_after_authority(target)
     parsed = _PARSED_ORIGINS.get(target[:cut]) if cut >= 0 else None
     if parsed is None:
         start = target.find(b"://") + 3
@@ -134,21 +133,6 @@ def parse_absolute_target(target: bytes) -> Target:
         path = b"/" + path
     scheme, host, port = parsed
     return Target(scheme, host, port, path)
-
-
-def _slash_after_authority(target: bytes) -> int:
-    """Where the first '/' after `scheme://` is, or -1: a byte scan (cheaper than find()
-    once compiled; the scheme and authority are a few dozen bytes)."""
-    length = len(target)
-    index = 0
-    while index < length and target[index] != _COLON:
-        index += 1
-    if index + 2 >= length or target[index + 1] != _SLASH or target[index + 2] != _SLASH:
-        return -1
-    index += 3
-    while index < length and target[index] != _SLASH:
-        index += 1
-    return index if index < length else -1
 
 
 def _parse_origin(origin: bytes) -> tuple[str, str, int]:
