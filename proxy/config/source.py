@@ -250,6 +250,19 @@ class Reader:
             self.string((*path, f"[{index}]"), item).strip() for index, item in enumerate(value)
         )
 
+    def items(
+        self, path: KeyPath, value: object, *, what: str, example: str, empty: str
+    ) -> list[tuple[KeyPath, object]]:
+        """A non-empty YAML list of `what`, as (key path, item) pairs; a one-line error
+        otherwise (`example` says how to write one value as a list, for a lone value)."""
+        if not isinstance(value, list):
+            one = isinstance(value, str | int) and not isinstance(value, bool)
+            hint = f" (write {example})" if one else ""
+            self.fail(path, f"expected a list of {what}, got {type_name(value)}{hint}")
+        if not value:
+            self.fail(path, empty)
+        return [((*path, f"[{index}]"), item) for index, item in enumerate(value)]
+
     def secret(self, path: KeyPath, value: object) -> Secret:
         if not isinstance(value, str):
             self.fail(path, f"expected a string, got {type_name(value)}")

@@ -127,14 +127,14 @@ def _match(reader: Reader, path: KeyPath, value: object) -> MatchConfig:
 
 
 def _methods(reader: Reader, path: KeyPath, value: object) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        hint = " (write [GET] for one method)" if isinstance(value, str) else ""
-        reader.fail(path, f"expected a list of HTTP methods, got {type_name(value)}{hint}")
-    if not value:
-        reader.fail(path, "must list at least one method (leave it out for every method)")
     methods: list[str] = []
-    for index, item in enumerate(value):
-        item_path = (*path, f"[{index}]")
+    for item_path, item in reader.items(
+        path,
+        value,
+        what="HTTP methods",
+        example="[GET] for one method",
+        empty="must list at least one method (leave it out for every method)",
+    ):
         text = reader.string(item_path, item)
         if not _HTTP_TOKEN.fullmatch(text):
             reader.fail(item_path, f"{show(text)} is not an HTTP method")
@@ -148,14 +148,14 @@ def _methods(reader: Reader, path: KeyPath, value: object) -> tuple[str, ...]:
 
 
 def _purge_statuses(reader: Reader, path: KeyPath, value: object) -> tuple[int, ...]:
-    if not isinstance(value, list):
-        hint = " (write [401] for one status)" if isinstance(value, int) else ""
-        reader.fail(path, f"expected a list of HTTP status codes, got {type_name(value)}{hint}")
-    if not value:
-        reader.fail(path, "must list at least one status (the default is [401])")
     statuses: list[int] = []
-    for index, item in enumerate(value):
-        item_path = (*path, f"[{index}]")
+    for item_path, item in reader.items(
+        path,
+        value,
+        what="HTTP status codes",
+        example="[401] for one status",
+        empty="must list at least one status (the default is [401])",
+    ):
         status = integer(reader, item_path, item, minimum=400, maximum=599)
         if status in statuses:
             reader.fail(item_path, f"{status} is listed twice")
@@ -164,14 +164,14 @@ def _purge_statuses(reader: Reader, path: KeyPath, value: object) -> tuple[int, 
 
 
 def _host_matches(reader: Reader, path: KeyPath, value: object) -> tuple[HostMatch, ...]:
-    if not isinstance(value, list):
-        hint = " (write [host] for one host)" if isinstance(value, str) else ""
-        reader.fail(path, f"expected a list of hosts, got {type_name(value)}{hint}")
-    if not value:
-        reader.fail(path, "must list at least one host")
     hosts = []
-    for index, item in enumerate(value):
-        item_path = (*path, f"[{index}]")
+    for item_path, item in reader.items(
+        path,
+        value,
+        what="hosts",
+        example="[host] for one host",
+        empty="must list at least one host",
+    ):
         text = reader.string(item_path, item)
         try:
             host, port = split_host_port(text, port_required=False)
