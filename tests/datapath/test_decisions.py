@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from proxy.app import ProxyApp
-from tests.support.configs import StartProxy, proxy_config, token_config, upstream_config
+from tests.support.configs import StartProxy, scripted_inventory
 from tests.support.rawhttp import (
     Behaviour,
     EvilConnection,
@@ -99,17 +99,7 @@ async def scenario(start_proxy: StartProxy, token_server: TokenServer) -> AsyncI
         await evil.__aenter__()
         evils.append(evil)
         app = await start_proxy(
-            proxy_config(
-                upstream_config(
-                    "inventory",
-                    ["inventory.internal"],
-                    token_config(token_server),
-                    url=evil.url,
-                    timeout=upstream_timeout,
-                ),
-                unknown_hosts="deny",
-                shutdown_grace_period=0.5,
-            )
+            scripted_inventory(token_server, evil.url, upstream_timeout=upstream_timeout)
         )
         if path == "fast":
             warm_up, _ = await roundtrip(app.port, request(path=b"/warm-up"), close_within=0)

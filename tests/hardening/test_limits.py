@@ -20,10 +20,8 @@ from proxy.app import ProxyApp
 from proxy.config import LimitsConfig
 from tests.support.configs import (
     StartProxy,
-    proxy_config,
+    scripted_inventory,
     start_inventory,
-    token_config,
-    upstream_config,
 )
 from tests.support.rawhttp import (
     Behaviour,
@@ -154,17 +152,8 @@ async def evil_proxy(
         await evil.__aenter__()
         evils.append(evil)
         app = await start_proxy(
-            proxy_config(
-                upstream_config(
-                    "inventory",
-                    ["inventory.internal"],
-                    token_config(token_server),
-                    url=evil.url,
-                    timeout=upstream_timeout,
-                ),
-                unknown_hosts="deny",
-                limits=limits,
-                shutdown_grace_period=0.5,
+            scripted_inventory(
+                token_server, evil.url, upstream_timeout=upstream_timeout, limits=limits
             )
         )
         baseline = Baseline(app)

@@ -17,7 +17,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from proxy.app import ProxyApp
-from tests.support.configs import StartProxy, proxy_config, token_config, upstream_config
+from tests.support.configs import (
+    StartProxy,
+    proxy_config,
+    scripted_inventory,
+    token_config,
+    upstream_config,
+)
 from tests.support.rawhttp import (
     Behaviour,
     EvilConnection,
@@ -76,17 +82,7 @@ async def evil_proxy(
         await evil.__aenter__()
         evils.append(evil)
         app = await start_proxy(
-            proxy_config(
-                upstream_config(
-                    "inventory",
-                    ["inventory.internal"],
-                    token_config(token_server),
-                    url=evil.url,
-                    timeout=upstream_timeout,
-                ),
-                unknown_hosts="deny",
-                shutdown_grace_period=0.5,
-            )
+            scripted_inventory(token_server, evil.url, upstream_timeout=upstream_timeout)
         )
         return app, evil
 

@@ -101,6 +101,25 @@ async def start_inventory(
     )
 
 
+def scripted_inventory(
+    token_server: TokenServer, url: str, *, upstream_timeout: float, **changes: Any
+) -> ProxyConfig:
+    """`inventory.internal` sent to a scripted upstream at `url`, everything else denied,
+    with a short grace period (the adversarial suites' proxy)."""
+    changes.setdefault("shutdown_grace_period", 0.5)
+    return proxy_config(
+        upstream_config(
+            "inventory",
+            ["inventory.internal"],
+            token_config(token_server),
+            url=url,
+            timeout=upstream_timeout,
+        ),
+        unknown_hosts="deny",
+        **changes,
+    )
+
+
 def upstream_entry(host: str, url: str, token_server: TokenServer, **token: Any) -> dict[str, Any]:
     """One upstream in the YAML form a proxy process reads (see tests/support/process.py)."""
     return {
