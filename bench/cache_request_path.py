@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import collections
 import os
 import re
 import secrets
@@ -38,29 +37,16 @@ import uvloop
 from aiohttp import web
 
 from bench.fleet import start_redis
-from bench.instructions import HOST, REQUEST, RESPONSE, MemoryTransport
+from bench.instructions import bench_config, relay
 from bench.prerequisites import ensure_commands
 from bench.token_endpoint import TokenEndpoint
 from proxy import data_path_build
 from proxy.config import (
-    Address,
-    HostMatch,
-    MatchConfig,
-    ProxyConfig,
     RedisConfig,
     Secret,
-    TargetUrl,
     TokenCacheConfig,
     TokenConfig,
-    UpstreamConfig,
 )
-from proxy.datapath.client_connection import ClientConnection
-from proxy.datapath.forward import Forwarder
-from proxy.datapath.listener import Listener
-from proxy.datapath.runtime import Runtime, RuntimeHolder
-from proxy.datapath.tunnel import TunnelHandler
-from proxy.datapath.upstream_connection import UpstreamConnection
-from proxy.datapath.upstream_pool import UpstreamPool
 from proxy.ops.metrics import Metrics
 from proxy.tokens import TokenProvider
 from proxy.tokens.cache_crypto import CacheKeys
@@ -117,50 +103,12 @@ async def provider_for(variant: str, metrics: Metrics) -> tuple[TokenProvider, l
 
 
 async def drive(variant: str, requests: int) -> None:
-    upstream = UpstreamConfig(
-        name="inventory",
-        match=MatchConfig((HostMatch(HOST.decode()),)),
-        token=TokenConfig(
-            client_id="c", token_url="http://127.0.0.1:9/t", client_secret=Secret("s")
-        ),
-        url=TargetUrl("http", "127.0.0.1", 8080),
-        listen=Address("127.0.0.1", 0),
-    )
-    config = ProxyConfig(
-        upstreams=(upstream,), listen=Address("127.0.0.1", 0), admin_listen=Address("127.0.0.1", 0)
-    )
     metrics = Metrics()
     metrics.register_upstream("inventory")
     provider, cleanup = await provider_for(variant, metrics)
-    holder = RuntimeHolder(Runtime.build(config, {"inventory": provider}))
-    pool = UpstreamPool()
-    forwarder = Forwarder(holder, pool, metrics, TunnelHandler(holder, metrics))
-    handler = forwarder.reverse_handler("inventory")
-    listener = Listener("bench", config.listen, handler, config.limits, metrics)
-    route = holder.current.routes["inventory"]
-    assert route.origin is not None
-    upstream_conn = UpstreamConnection(pool, route.origin, 60.0)
-    upstream_transport = MemoryTransport()
-    upstream_conn.connection_made(upstream_transport)  # type: ignore[arg-type]
-    upstream_conn.exchanges = 1
-    pool._all.add(upstream_conn)
-    pool._idle[route.origin] = collections.deque([upstream_conn])
-    client = ClientConnection(listener, handler, config.limits)
-    client_transport = MemoryTransport()
-    client.connection_made(client_transport)  # type: ignore[arg-type]
-    request = REQUEST % b"/stock"
     token = provider.current()
     assert token is not None
-    for _ in range(requests):
-        client.data_received(request)
-        upstream_conn.data_received(RESPONSE)
-        upstream_transport.written.clear()
-        client_transport.written.clear()
-    client.data_received(request)
-    assert b"Authorization: Bearer " + token.encode() in upstream_transport.written[-1]
-    upstream_conn.data_received(RESPONSE)
-    assert client_transport.written[-1].startswith(b"HTTP/1.1 200 OK\r\n")
-    pool.close()
+    relay(bench_config(), provider, "reverse", requests, token)
     await provider.close()
     for item in cleanup:
         if isinstance(item, web.AppRunner):

@@ -109,8 +109,9 @@ class FixedToken:
         pass
 
 
-async def drive(mode: str, requests: int) -> None:
-    """Relay `requests` requests through the fast path of a `mode` port."""
+def bench_config() -> ProxyConfig:
+    """One upstream, `inventory`, with a reverse port and a url nothing listens on
+    (its connection is an in-memory one put into the pool)."""
     upstream = UpstreamConfig(
         name="inventory",
         match=MatchConfig((HostMatch(HOST.decode()),)),
@@ -120,13 +121,18 @@ async def drive(mode: str, requests: int) -> None:
         url=TargetUrl("http", "127.0.0.1", 8080),
         listen=Address("127.0.0.1", 0),
     )
-    config = ProxyConfig(
+    return ProxyConfig(
         upstreams=(upstream,),
         listen=Address("127.0.0.1", 0),
         admin_listen=Address("127.0.0.1", 0),
     )
+
+
+def relay(config: ProxyConfig, provider: Any, mode: str, requests: int, token: str) -> None:
+    """Relay `requests` requests through the fast path of a `mode` port, in memory, with
+    `provider`'s token; then check one went the whole way."""
     metrics = Metrics()
-    holder = RuntimeHolder(Runtime.build(config, {"inventory": FixedToken()}))
+    holder = RuntimeHolder(Runtime.build(config, {"inventory": provider}))
     pool = UpstreamPool()
     forwarder = Forwarder(holder, pool, metrics, TunnelHandler(holder, metrics))
     if mode == "reverse":
@@ -155,10 +161,15 @@ async def drive(mode: str, requests: int) -> None:
     # The loop must have gone the whole way: a request upstream with the token, and
     # the response back to the client.
     client.data_received(request)
-    assert b"Authorization: Bearer " + TOKEN.encode() in upstream_transport.written[-1]
+    assert b"Authorization: Bearer " + token.encode() in upstream_transport.written[-1]
     upstream_conn.data_received(RESPONSE)
     assert client_transport.written[-1].startswith(b"HTTP/1.1 200 OK\r\n")
     pool.close()
+
+
+async def drive(mode: str, requests: int) -> None:
+    """Relay `requests` requests through the fast path of a `mode` port."""
+    relay(bench_config(), FixedToken(), mode, requests, TOKEN)
 
 
 def count(mode: str, requests: int) -> int:
