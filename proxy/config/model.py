@@ -28,6 +28,8 @@ TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
 TOKEN_TYPE_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
 LogFormat = Literal["text", "json"]
 TokenCacheMode = Literal["shared", "local"]
+# The JWS algorithms DPoP proofs are signed with (RFC 9449 §4.2, RFC 7518, RFC 8037).
+DpopAlgorithm = Literal["ES256", "EdDSA", "RS256", "PS256"]
 
 
 class ConfigError(Exception):
@@ -126,6 +128,16 @@ class TlsClientConfig:
 
 
 @dataclass(frozen=True)
+class DpopConfig:
+    """Sender-constrained tokens (RFC 9449): the key every DPoP proof is signed with."""
+
+    # The private key (PEM or DER) fitting `alg`: proxy.config.keys. None: a key of
+    # `alg`'s kind is generated in memory at start-up (and tokens are not shared).
+    key_file: Path | None = None
+    alg: DpopAlgorithm = "ES256"
+
+
+@dataclass(frozen=True)
 class TokenConfig:
     """How to obtain one upstream's token: the grant, the client and the request."""
 
@@ -161,6 +173,8 @@ class TokenConfig:
     tls: TlsClientConfig = TlsClientConfig()
     # `local`: this upstream keeps its token to itself even when `token_cache` is set.
     cache: TokenCacheMode = "shared"
+    # Set: tokens are DPoP-bound, each request carries a proof (RFC 9449).
+    dpop: DpopConfig | None = None
 
 
 @dataclass(frozen=True)

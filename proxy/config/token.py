@@ -16,11 +16,13 @@ import typing
 import urllib.parse
 from pathlib import Path
 
-from proxy.config.keys import UnusableKey, parse_signing_key
+from proxy.config.keys import UnusableKey, parse_dpop_key, parse_signing_key
 from proxy.config.model import (
     TOKEN_TYPE_ACCESS_TOKEN,
     TOKEN_TYPE_JWT,
     AuthMethod,
+    DpopAlgorithm,
+    DpopConfig,
     GrantName,
     TlsClientConfig,
     TokenCacheMode,
@@ -47,6 +49,8 @@ TOKEN_KEYS = yaml_keys(TokenConfig, expand={"tls": TLS_KEYS})
 _AUTH_METHODS: tuple[AuthMethod, ...] = typing.get_args(AuthMethod)
 _CACHE_MODES: tuple[TokenCacheMode, ...] = typing.get_args(TokenCacheMode)
 _GRANTS: tuple[GrantName, ...] = typing.get_args(GrantName)
+_DPOP_KEYS = yaml_keys(DpopConfig)
+_DPOP_ALGORITHMS: tuple[DpopAlgorithm, ...] = typing.get_args(DpopAlgorithm)
 # The keys of each grant beyond client credentials; every other grant refuses them.
 _GRANT_KEYS: dict[GrantName, tuple[str, ...]] = {
     "client_credentials": (),
@@ -151,6 +155,7 @@ def _token(section: Section, allow_insecure_http: bool) -> TokenConfig:
         actor_token_type=section.optional("actor_token_type", _token_type),
         requested_token_type=section.optional("requested_token_type", _requested_token_type),
         assertion_file=section.optional("assertion_file", Reader.secret_file),
+        dpop=section.optional("dpop", _dpop),
     )
 
 
@@ -324,6 +329,26 @@ def private_key_file(reader: Reader, path: KeyPath, value: object) -> Path:
     except UnusableKey as error:
         reader.fail(path, str(error))
     return file_path
+
+
+def _dpop(reader: Reader, path: KeyPath, value: object) -> DpopConfig:
+    """The `dpop` section: the proof key's algorithm, and its file if not generated."""
+    if value is None:
+        reader.fail(
+            path,
+            "expected a mapping, got null (write dpop: {} for a key generated at start-up, "
+            "or remove the key)",
+        )
+    section = reader.section(path, value, _DPOP_KEYS)
+    defaults = DpopConfig()
+    alg = section.with_default("alg", one_of(_DPOP_ALGORITHMS), defaults.alg)
+    key_file = section.optional("key_file", Reader.file)
+    if key_file is not None:
+        try:
+            parse_dpop_key(reader.read_file(section.key_path("key_file"), key_file), alg)
+        except UnusableKey as error:
+            section.fail("key_file", str(error))
+    return DpopConfig(key_file=key_file, alg=alg)
 
 
 def _refresh_before_expiry(reader: Reader, path: KeyPath, value: object) -> float | None:

@@ -98,13 +98,18 @@ def _upstream(section: Section, name: str) -> UpstreamConfig:
         section.fail(
             "listen", "a reverse-proxy listen port needs url (where its requests are sent)"
         )
+    token_config = section.required("token", token(allow_insecure_http))
+    header = section.with_default("header", _header_name, defaults.header)
+    if token_config.dpop is not None and header.lower() != "authorization":
+        # RFC 9449 §7.1: a DPoP-bound token travels in Authorization, scheme DPoP.
+        section.fail("header", "must be Authorization with token.dpop (RFC 9449 §7.1)")
     return UpstreamConfig(
         name=name,
         match=section.required("match", _match),
-        token=section.required("token", token(allow_insecure_http)),
+        token=token_config,
         url=url,
         listen=listen,
-        header=section.with_default("header", _header_name, defaults.header),
+        header=header,
         overwrite=section.with_default("overwrite", boolean, defaults.overwrite),
         required=section.with_default("required", boolean, defaults.required),
         tls=tls_client(section),

@@ -28,6 +28,7 @@ class RequestContext:
         "injected",
         "label",
         "plan",
+        "proof_sent",
         "replayed",
         "started",
         "status",
@@ -50,9 +51,10 @@ class RequestContext:
         self.started = started  # loop time; 0.0 for a request refused before it started
         self.token: str | None = None  # the token the request goes out with
         self.injected = False  # whether that token is in the head sent upstream
+        self.proof_sent = False  # whether it went as a DPoP-bound token, with a proof
         # The next attempt opens a new connection (the last one was a stale keep-alive).
         self.fresh_connection = False
-        # Sent again with a new token after a 401 (at most once).
+        # Sent again after a 401 (at most once): with a new token, or a DPoP nonce.
         self.replayed = False
         # The answer's status, once recorded, and the body bytes the client was sent:
         # the access log line is written when the answer ends (`Outcomes.finish`).

@@ -24,6 +24,7 @@ from proxy.datapath.decisions import (
     CUT_SHORT,
     RELAY,
     REPLAY_WITH_NEW_TOKEN,
+    REPLAY_WITH_NONCE,
     frame_for_client,
     on_failure,
     on_response_head,
@@ -91,9 +92,9 @@ class FastExchange(Exchange):
 
     def on_head(self, head: ResponseHead) -> None:
         ctx = self.ctx
-        how = on_response_head(ctx, head.status)
+        how = on_response_head(ctx, head)
         if how != RELAY:
-            if how == REPLAY_WITH_NEW_TOKEN:
+            if how in (REPLAY_WITH_NEW_TOKEN, REPLAY_WITH_NONCE):
                 self._hand_off(how)
             else:
                 # A switch of protocols (upgrade requests never take this path): what

@@ -34,6 +34,7 @@ from proxy.datapath.decisions import (
     CUT_SHORT,
     IDEMPOTENT,
     REPLAY_WITH_NEW_TOKEN,
+    REPLAY_WITH_NONCE,
     RETRY_ON_FRESH_CONNECTION,
     SWITCHED_UNASKED,
     UPGRADE,
@@ -43,7 +44,7 @@ from proxy.datapath.decisions import (
     switched_unasked,
 )
 from proxy.datapath.fast_path import FastExchange
-from proxy.datapath.injector import may_carry_credential
+from proxy.datapath.injector import DPOP_TOKEN, NO_CREDENTIAL, may_carry_credential
 from proxy.datapath.messages import (
     LAST_CHUNK,
     RequestHead,
@@ -270,6 +271,8 @@ class Forwarder:
             while True:
                 if how == REPLAY_WITH_NEW_TOKEN:
                     await self._take_new_token(ctx)
+                elif how == REPLAY_WITH_NONCE:
+                    self._note_nonce_replay(ctx)
                 ctx.fresh_connection = how == RETRY_ON_FRESH_CONNECTION
                 try:
                     return await self._attempt(ctx, kept)
@@ -279,6 +282,11 @@ class Forwarder:
             if isinstance(error, TokenUnavailable):
                 self._metrics.token_unavailable.labels(upstream=ctx.label).inc()
             return self._outcomes.refuse(ctx, error)
+
+    def _note_nonce_replay(self, ctx: RequestContext) -> None:
+        """The upstream asked for a DPoP nonce (kept by then): send again, same token."""
+        self._metrics.dpop_nonce_retries.labels(upstream=ctx.label, server="resource").inc()
+        ctx.replayed = True
 
     async def _take_new_token(self, ctx: RequestContext) -> None:
         """After the upstream refused the request's token (dropped by then): wait for another."""
@@ -335,8 +343,9 @@ class Forwarder:
                 body_task.cancel()
             self.pool.discard(upconn)
             raise
-        how = on_response_head(ctx, response.status)
-        if how == REPLAY_WITH_NEW_TOKEN and await _sent_whole(body_task, kept):
+        how = on_response_head(ctx, response)
+        replay = how in (REPLAY_WITH_NEW_TOKEN, REPLAY_WITH_NONCE)
+        if replay and await _sent_whole(body_task, kept):
             if body_task is not None:
                 body_task.cancel()
             self.pool.discard(upconn)
@@ -376,15 +385,19 @@ class Forwarder:
         return conn
 
     def _request_head(self, ctx: RequestContext, plan: Plan) -> bytes:
-        """The head to send upstream; sets `ctx.injected` (whether our token is in it)."""
+        """The head to send upstream; sets `ctx.injected` (whether our token is in it) and
+        `ctx.proof_sent` (whether with a DPoP proof)."""
         head = ctx.head
         route = plan.route
         token = ctx.token
         if token is not None and route is not None:
-            headers, injected = route.injector.inject(head.headers, token)
+            headers, credential = route.injector.inject(
+                head.headers, token, head.method, plan.origin.scheme, plan.host, plan.path
+            )
         else:
-            headers, injected = list(head.headers), False
-        ctx.injected = injected
+            headers, credential = list(head.headers), NO_CREDENTIAL
+        ctx.injected = credential != NO_CREDENTIAL
+        ctx.proof_sent = credential == DPOP_TOKEN
         if head.upgrade:
             if head.upgrade_to is not None:
                 headers.append((b"Upgrade", head.upgrade_to))

@@ -349,6 +349,16 @@ def frame_response(
     return head, not no_body, rechunk, keep_alive
 
 
+def field_values(fields: bytes, name: bytes) -> list[bytes]:
+    """The values of the fields called `name` (lower case) in a `ResponseHead.fields`."""
+    values: list[bytes] = []
+    for line in fields.split(b"\r\n"):
+        colon = line.find(b":")
+        if colon == len(name) and line[:colon].lower() == name:
+            values.append(line[colon + 1 :].strip())
+    return values
+
+
 def chunk(data: bytes) -> bytes:
     """One chunk of a chunked body (RFC 9112 §7.1)."""
     return b"%x\r\n%b\r\n" % (len(data), data)

@@ -51,7 +51,7 @@ def build_route(upstream: UpstreamConfig, provider: TokenProvider) -> Route:
         config=upstream,
         provider=provider,
         held_token=provider.held,
-        injector=Injector(upstream.header, upstream.overwrite),
+        injector=Injector(upstream.header, upstream.overwrite, provider.dpop, provider.held),
         origin=origin,
         host_header=host_header,
         purge_on_status=frozenset(upstream.purge_on_status),

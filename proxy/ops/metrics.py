@@ -40,6 +40,8 @@ from proxy.ops.token_metrics import TokenStats
 # The fleet token cache's label values (see proxy/tokens/shared_cache.py).
 TOKEN_CACHE_LOOKUP_RESULTS: Final = ("hit", "miss", "error")
 TOKEN_CACHE_WAIT_OUTCOMES: Final = ("entry", "acquired", "timeout", "error")
+# Who asked for a DPoP nonce (RFC 9449 §8, §9).
+DPOP_NONCE_SERVERS: Final = ("authorization", "resource")
 TOKEN_CACHE_REJECT_REASONS: Final = ("undecryptable", "malformed")
 TOKEN_CACHE_ERROR_REASONS: Final = (
     "auth",
@@ -104,6 +106,13 @@ class Metrics:
             "token_proxy_token_unavailable_total",
             "Requests answered 503 token_unavailable.",
             ["upstream"],
+            registry=r,
+        )
+        self.dpop_nonce_retries = Counter(
+            "token_proxy_dpop_nonce_retries_total",
+            "Requests sent again with a DPoP proof carrying the nonce the server asked for, "
+            "by server (authorization: token requests; resource: the upstream).",
+            ["upstream", "server"],
             registry=r,
         )
         self.tunnels = Counter(
@@ -218,6 +227,9 @@ class Metrics:
                 family.remove(name)
         with contextlib.suppress(KeyError):
             self.token_cache_write_failures.remove(name)
+        for server in DPOP_NONCE_SERVERS:
+            with contextlib.suppress(KeyError):
+                self.dpop_nonce_retries.remove(name, server)
         for result in TOKEN_CACHE_LOOKUP_RESULTS:
             with contextlib.suppress(KeyError):
                 self.token_cache_lookups.remove(name, result)

@@ -189,6 +189,13 @@ def credential_identity(config: TokenConfig, keys: CacheKeys) -> list[str]:
         extra = grant.identity(config)
     except OSError as exc:
         raise CredentialUnreadable(f"{grant.name}: {exc.strerror}") from None
+    if config.dpop is not None and config.dpop.key_file is not None:
+        # DPoP-bound tokens are shared only by replicas that sign with the same key.
+        try:
+            key = config.dpop.key_file.read_bytes()
+        except OSError as exc:
+            raise CredentialUnreadable(f"dpop.key_file: {exc.strerror}") from None
+        extra = [*extra, "dpop", config.dpop.alg, key]
     # A client-credentials identity is exactly what it was before grants were added, so
     # replicas of either version share its entries.
     return [

@@ -52,6 +52,7 @@ from proxy.errors import (
 )
 from proxy.tokens.assertion import JWT_BEARER_ASSERTION_TYPE, client_assertion
 from proxy.tokens.clock import wall_time
+from proxy.tokens.dpop import DpopSession, asks_for_nonce
 from proxy.tokens.grants import grant_for
 
 if TYPE_CHECKING:
@@ -99,12 +100,13 @@ REQUEST_ERROR_CODES = RFC6749_ERROR_CODES | {"invalid_target"}
 _MESSAGE_TEXT_LIMIT = 200
 _DELTA_SECONDS = re.compile(r"[0-9]{1,10}")
 _HEADER_SAFE_TOKEN = re.compile(r"[\x21-\x7e]+")
-_TOKEN_TYPE_NAMES = {"bearer": "Bearer", "n_a": "N_A"}
+_TOKEN_TYPE_NAMES = {"bearer": "Bearer", "n_a": "N_A", "dpop": "DPoP"}
 
 
 @dataclass(frozen=True)
 class TokenResponse:
-    """A usable bearer token and how long it lives (seconds, already clamped)."""
+    """A usable token and how long it lives (seconds, already clamped); `token_type` is
+    ``Bearer``, or ``DPoP`` for a DPoP-bound one (RFC 9449 §5)."""
 
     access_token: str = field(repr=False)
     expires_in: float
@@ -124,6 +126,11 @@ class TokenClient:
     Two conditions are reported once each time they begin or end, never per fetch: a
     local wall clock that disagrees with the tokens' ``iat``, and a client secret shorter
     than `MIN_SECRET_LENGTH`.
+
+    With `dpop` (RFC 9449 §5), each request carries a DPoP proof; an answer that asks for
+    a nonce (``use_dpop_nonce`` with a ``DPoP-Nonce``, §8) is sent again once, with it,
+    and `on_nonce_retry` is called; a ``DPoP-Nonce`` on any answer is kept for the next
+    request.
     """
 
     def __init__(
@@ -134,22 +141,43 @@ class TokenClient:
         upstream: str | None = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
         wall_clock: Callable[[], float] = wall_time,
+        dpop: DpopSession | None = None,
+        on_nonce_retry: Callable[[], None] | None = None,
     ) -> None:
         self._config = config
         self._session = session
         self._upstream = upstream
         self._max_response_bytes = max_response_bytes
         self._wall_clock = wall_clock
+        self._dpop = dpop
+        self._on_nonce_retry = on_nonce_retry
         self._clock_disagrees = False
         self._short_secret = False
+        self._bearer_for_dpop = False
 
     async def fetch(self, token_url: str) -> TokenResponse:
         """POST one token request to `token_url`; raise a `TokenFetchError`."""
+        dpop = self._dpop
+        status, body, response_headers, sensitive = await self._post(token_url)
+        if dpop is not None and _asks_for_nonce(status, body, response_headers, dpop):
+            if self._on_nonce_retry is not None:
+                self._on_nonce_retry()
+            # Built anew: a client assertion is not sent twice either (RFC 7523 §3).
+            status, body, response_headers, sensitive = await self._post(token_url)
+        if not 200 <= status < 300:
+            raise error_for_status(status, body, response_headers, sensitive)
+        return self._parse_success(body, response_headers, sensitive)
+
+    async def _post(self, token_url: str) -> tuple[int, bytes, CIMultiDictProxy[str], list[str]]:
+        """One POST of the token request: status, body, headers and the sensitive values."""
         # Secret, token and key files are read (and assertions signed) on every fetch so
         # that rotated credentials are picked up; off the event loop, files may be slow.
         form, headers, sensitive = await asyncio.to_thread(self._authenticated_request, token_url)
         headers["Accept"] = "application/json"
         headers["Content-Type"] = "application/x-www-form-urlencoded"
+        dpop = self._dpop
+        if dpop is not None:
+            headers["DPoP"] = dpop.token_request_proof(token_url)
         timeout = aiohttp.ClientTimeout(
             total=self._config.timeout, sock_connect=self._config.connect_timeout
         )
@@ -164,9 +192,9 @@ class TokenClient:
                 ok = 200 <= response.status < 300
                 body = await read_body(response, self._max_response_bytes, truncate=not ok)
                 status, response_headers = response.status, response.headers
-        if not ok:
-            raise error_for_status(status, body, response_headers, sensitive)
-        return self._parse_success(body, response_headers, sensitive)
+        if dpop is not None:
+            dpop.note_authorization_nonce(response_headers.get("DPoP-Nonce"))
+        return status, body, response_headers, sensitive
 
     def _authenticated_request(
         self, token_url: str
@@ -268,19 +296,24 @@ class TokenClient:
         grant = grant_for(self._config)
         grant.check_answer(document, [*sensitive, access_token])
         token_type = document.get("token_type")
+        token_types = grant.token_types | {"dpop"} if self._dpop is not None else grant.token_types
         if token_type is None:
             log.warning(
                 "token response has no token_type; treating it as Bearer",
                 extra={"event": "token_response_warning", "upstream": self._upstream},
             )
-        elif not isinstance(token_type, str) or token_type.lower() not in grant.token_types:
+        elif not isinstance(token_type, str) or token_type.lower() not in token_types:
             shown = sanitise(str(token_type), [*sensitive, access_token])
-            allowed = " or ".join(_TOKEN_TYPE_NAMES[name] for name in sorted(grant.token_types))
-            raise InvalidTokenResponse(f"token_type is {shown!r}, not {allowed} (RFC 6750)")
+            allowed = " or ".join(_TOKEN_TYPE_NAMES[name] for name in sorted(token_types))
+            hint = "; set token.dpop to use DPoP tokens" if shown.lower() == "dpop" else ""
+            raise InvalidTokenResponse(f"token_type is {shown!r}, not {allowed} (RFC 6750){hint}")
         if token_type is None or token_type.lower() == "n_a":
             # RFC 8693 §2.2.1: N_A names a token the issuer does not call an access token
             # but which is used as one (its issued_token_type said so): a bearer token here.
             token_type = "Bearer"
+        if token_type.lower() == "dpop":
+            token_type = "DPoP"  # RFC 9449 §5: compared case-insensitively, named so here
+        self._note_bearer_for_dpop(token_type != "DPoP")
         issued_token_type = document.get("issued_token_type")
         scope = document.get("scope")
         lifetime, source, clock_offset = _lifetime(
@@ -299,6 +332,18 @@ class TokenClient:
             lifetime_source=source,
             issued_token_type=issued_token_type if isinstance(issued_token_type, str) else None,
         )
+
+    def _note_bearer_for_dpop(self, bearer: bool) -> None:
+        """Warn, once each time it begins, that a DPoP client got bearer tokens."""
+        bearer_for_dpop = bearer and self._dpop is not None
+        if bearer_for_dpop and not self._bearer_for_dpop:
+            log.warning(
+                "the token endpoint for %s answered token_type Bearer to a DPoP token "
+                "request; the token is sent as a bearer token, without proofs",
+                self._upstream,
+                extra={"event": "dpop_bearer_token", "upstream": self._upstream},
+            )
+        self._bearer_for_dpop = bearer_for_dpop
 
     def _note_clock(self, offset: float | None, lifetime: float) -> None:
         """Report, once per change, whether the wall clock disagrees with the tokens'."""
@@ -362,6 +407,20 @@ def error_for_status(
             f"token endpoint answered HTTP {status}{suffix}", retry_after=retry_after
         )
     return InvalidTokenResponse(f"token endpoint answered unexpected HTTP status {status}")
+
+
+def _asks_for_nonce(
+    status: int, body: bytes, headers: Mapping[str, str], dpop: DpopSession
+) -> bool:
+    """Whether an authorization server's answer asks for a DPoP nonce (RFC 9449 §8): a
+    400 (401 from some servers) with error ``use_dpop_nonce`` and a ``DPoP-Nonce`` that
+    `dpop` took."""
+    if status not in (400, 401) or "DPoP-Nonce" not in headers:
+        return False
+    code, _ = _oauth_error(body, ())
+    if code is None:
+        code = headers.get("WWW-Authenticate", "")
+    return asks_for_nonce(code) and dpop.authorization_nonce == headers["DPoP-Nonce"].strip()
 
 
 def _oauth_error(body: bytes, sensitive: Iterable[str]) -> tuple[str | None, str | None]:

@@ -28,6 +28,7 @@ from proxy.errors import TokenEndpointUnreachable, TokenFetchError
 from proxy.tls.client_context import client_ssl_context
 from proxy.tokens.client import TokenClient, display_url
 from proxy.tokens.discovery import discover_token_endpoint
+from proxy.tokens.dpop import DpopSession
 
 __all__ = ["EndpointAccess", "SessionPool"]
 
@@ -103,8 +104,12 @@ class EndpointAccess:
         allow_insecure_http: bool,
         wall_clock: Callable[[], float],
         sessions: SessionPool | None = None,
+        dpop: DpopSession | None = None,
+        on_nonce_retry: Callable[[], None] | None = None,
     ) -> None:
         self.upstream = upstream
+        self._dpop = dpop
+        self._on_nonce_retry = on_nonce_retry
         self._config = config
         self._allow_insecure_http = allow_insecure_http
         self._wall_clock = wall_clock
@@ -131,7 +136,12 @@ class EndpointAccess:
         else:
             self._session = _new_session(self._config, limit=OWN_SESSION_CONNECTIONS, per_host=0)
         self._client = TokenClient(
-            self._config, self._session, upstream=self.upstream, wall_clock=self._wall_clock
+            self._config,
+            self._session,
+            upstream=self.upstream,
+            wall_clock=self._wall_clock,
+            dpop=self._dpop,
+            on_nonce_retry=self._on_nonce_retry,
         )
         return self._client
 

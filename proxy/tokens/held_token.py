@@ -15,11 +15,14 @@ from collections.abc import Callable
 class HeldToken:
     """A token and the time, on its provider's clock, until which it may be sent."""
 
-    __slots__ = ("_clock", "token", "usable_until")
+    __slots__ = ("_clock", "dpop", "token", "usable_until")
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.token: str | None = None
         self.usable_until = -math.inf
+        # Whether the token is DPoP-bound (RFC 9449): sent with a proof, scheme `DPoP`.
+        # An upstream's tokens are all of one kind unless its server changes its mind.
+        self.dpop = False
         self._clock = clock
 
     def current(self) -> str | None:
@@ -29,10 +32,12 @@ class HeldToken:
             return None
         return token
 
-    def hold(self, token: str, usable_until: float) -> None:
-        """Hold `token` from now on, to be sent until `usable_until`."""
+    def hold(self, token: str, usable_until: float, *, dpop: bool = False) -> None:
+        """Hold `token` from now on, to be sent until `usable_until` (a DPoP-bound one
+        with `dpop`)."""
         self.token = token
         self.usable_until = usable_until
+        self.dpop = dpop
 
     def drop(self) -> None:
         """Hold no token (invalidated, or the provider closed)."""

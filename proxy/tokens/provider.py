@@ -42,6 +42,7 @@ from proxy.errors import TokenFetchError, TokenUnavailable
 from proxy.ops.metrics import Metrics
 from proxy.tokens.client import TokenResponse
 from proxy.tokens.clock import wall_time
+from proxy.tokens.dpop import DpopSession
 from proxy.tokens.endpoint import EndpointAccess, SessionPool
 from proxy.tokens.fetch_record import FetchRecord
 from proxy.tokens.fleet_sync import FleetSync, remaining_life
@@ -104,12 +105,22 @@ class TokenProvider:
             else FleetSync(shared, self.held, margin=self._margin, wall_clock=wall_clock)
         )
 
+        # DPoP (RFC 9449): the key lives as long as this provider, and the tokens bound
+        # to it with it; the token client and the request path sign with it.
+        self.dpop: DpopSession | None = None
+        count_nonce_retry: Callable[[], None] | None = None
+        if config.dpop is not None:
+            self.dpop = DpopSession.from_config(config.dpop)
+            retries = metrics.dpop_nonce_retries.labels(upstream=upstream, server="authorization")
+            count_nonce_retry = retries.inc
         self._endpoint = EndpointAccess(
             upstream,
             config,
             allow_insecure_http=allow_insecure_http,
             wall_clock=wall_clock,
             sessions=sessions,
+            dpop=self.dpop,
+            on_nonce_retry=count_nonce_retry,
         )
         self._fetch_task: asyncio.Task[None] | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -241,7 +252,13 @@ class TokenProvider:
             "token_cache": "local" if self._fleet is None else "shared",
             "shared_cache_hits": 0 if self._fleet is None else self._fleet.hits,
             "token_endpoint": self._endpoint.display(),
+            "dpop": None if self.dpop is None else self._dpop_status(valid),
         }
+
+    def _dpop_status(self, valid: bool) -> dict[str, object]:
+        assert self.dpop is not None
+        token_type = ("DPoP" if self.held.dpop else "Bearer") if valid else None
+        return {**self.dpop.status(), "token_type": token_type}
 
     # -- scheduling --------------------------------------------------------------
 
@@ -333,7 +350,8 @@ class TokenProvider:
         now = self._clock()
         remaining = remaining_life(found.entry, self._wall_clock())
         recovered_after = self._record.consecutive_failures
-        self._hold(found.entry.access_token, found.entry.lifetime, now + remaining, now)
+        dpop = found.entry.token_type.lower() == "dpop"
+        self._hold(found.entry.access_token, found.entry.lifetime, now + remaining, now, dpop)
         self._token_source = "shared_cache"
         self._fleet.taken(found)
         self._record.taken_from_cache(remaining, self._refresh_at - now, recovered_after)
@@ -345,15 +363,16 @@ class TokenProvider:
         ttl = self._expires_at - self._clock()
         await fleet.share(response.access_token, response.token_type, ttl, self._lifetime)
 
-    def _hold(self, token: str, lifetime: float, expires_at: float, now: float) -> None:
-        """Hold `token` until `expires_at` (monotonic) and plan its renewal."""
+    def _hold(self, token: str, lifetime: float, expires_at: float, now: float, dpop: bool) -> None:
+        """Hold `token` (DPoP-bound with `dpop`) until `expires_at` (monotonic) and plan
+        its renewal."""
         leeway = schedule.expiry_leeway(lifetime)
         margin = self._margin(lifetime)
         jitter = self._rng.uniform(0.0, schedule.REFRESH_JITTER_FRACTION * margin)
         self._expires_at = expires_at
         self._lifetime = lifetime
         if not self._closed:
-            self.held.hold(token, expires_at - leeway)
+            self.held.hold(token, expires_at - leeway, dpop=dpop)
         self._refresh_at = schedule.refresh_time(expires_at, now, margin, jitter)
         self._record.consecutive_failures = 0
         self._next_attempt_at = -math.inf
@@ -368,7 +387,8 @@ class TokenProvider:
         lifetime = self._record.floored_lifetime(response, MIN_LIFETIME)
         recovered_after = self._record.consecutive_failures
         # Lifetimes count from when the request was sent: the conservative end.
-        self._hold(response.access_token, lifetime, sent_at + lifetime, now)
+        dpop = response.token_type == "DPoP"
+        self._hold(response.access_token, lifetime, sent_at + lifetime, now, dpop)
         self._token_source = "fetched"
         if self._fleet is not None:
             self._fleet.fetched()

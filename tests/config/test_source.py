@@ -314,7 +314,7 @@ def test_section_keys_come_from_the_dataclasses() -> None:
     # In the fields' order, with an expansion in the place of its field.
     assert yaml_keys(MatchConfig) == ("hosts", "path_prefix", "methods")
     assert yaml_keys(RedisConfig) == ("url", "username", "password_file", "ca_file")
-    assert yaml_keys(TokenConfig, expand={"tls": ("x", "y")})[-3:] == ("x", "y", "cache")
+    assert yaml_keys(TokenConfig, expand={"tls": ("x", "y")})[-4:] == ("x", "y", "cache", "dpop")
 
 
 def test_an_unknown_key_lists_the_section_s_keys(tmp_path: Path, files: Path) -> None:

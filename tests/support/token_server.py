@@ -30,6 +30,9 @@ is right, not that the fake is lenient:
 Tests make it misbehave with `fail_next()` / `set_failing()`, hold answers back with
 `hold`, and synchronise on `wait_for_requests()` instead of sleeping. It also serves
 OpenID Connect and RFC 8414 discovery documents for its `issuer`.
+
+Given a `DpopAuthority` (`dpop`), it checks the DPoP proofs of token requests and issues
+DPoP-bound tokens (RFC 9449 §5, §8); see tests/support/dpop_servers.py.
 """
 
 from __future__ import annotations
@@ -44,11 +47,16 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qs, unquote_plus
 
 import jwt
 from aiohttp import web
+
+from tests.support.dpop_servers import DpopRefusal, add_dpop_response_headers
+
+if TYPE_CHECKING:
+    from tests.support.dpop_servers import DpopAuthority
 
 __all__ = [
     "ACCESS_TOKEN_TYPE",
@@ -199,6 +207,7 @@ class TokenServer:
         audiences: Iterable[str] | None = None,
         assertion_audience: str | None = None,
         allow_unauthenticated: bool = False,
+        dpop: DpopAuthority | None = None,
     ) -> None:
         """`clients`: client_id -> secret; `jwt_keys`: client_id -> public key (object or
         PEM) for private_key_jwt; `tls_clients`: client_id -> a name its TLS client
@@ -211,7 +220,10 @@ class TokenServer:
         their type URIs (settable, to rotate them); `audiences` limits `audience` and
         `resource`. JWT bearer: `assertion_audience` is the `aud` an assertion must name
         (default: the token URL). `allow_unauthenticated` serves those two grants to a
-        client that does not authenticate."""
+        client that does not authenticate.
+
+        `dpop`: check DPoP proofs and bind tokens to their keys (settable); the
+        authority's `token_valid` becomes this server's `is_valid` unless already set."""
         self.clients: dict[str, str] = (
             dict(clients) if clients is not None else {"order-service": "s3cret"}
         )
@@ -234,6 +246,9 @@ class TokenServer:
         self.metadata_overrides: dict[str, Any] = {}
         self.discovery_failure: Failure | str | None = None
         self.hold: asyncio.Event | None = None
+        self.dpop = dpop
+        if dpop is not None and dpop.token_valid is None:
+            dpop.token_valid = self.is_valid
 
         self.requests: list[ReceivedTokenRequest] = []
         self.discovery_requests: list[str] = []
@@ -260,6 +275,7 @@ class TokenServer:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        app.on_response_prepare.append(add_dpop_response_headers)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, 0, ssl_context=self._ssl_context)
@@ -380,6 +396,8 @@ class TokenServer:
             ],
             "token_endpoint_auth_signing_alg_values_supported": ASSERTION_ALGORITHMS,
         }
+        if self.dpop is not None:
+            document.update(self.dpop.metadata())
         _apply_overrides(document, self.metadata_overrides)
         return _json(200, document)
 
@@ -414,6 +432,14 @@ class TokenServer:
         if problem is not None:
             received.outcome = f"error:{problem['error']}"
             return _json(400, problem)
+        dpop_jkt: str | None = None
+        if self.dpop is not None:
+            checked = self.dpop.check_token_request(request, self.url)
+            if isinstance(checked, DpopRefusal):
+                received.outcome = f"error:{checked.error}"
+                return checked.response()
+            if checked is not None and self.dpop.token_type == "DPoP":
+                dpop_jkt = checked.jkt
         grant_type = received.param("grant_type")
         unauthenticated_ok = (
             self.allow_unauthenticated
@@ -467,9 +493,13 @@ class TokenServer:
             received.outcome = "error:invalid_scope"
             return _json(400, _json_error("invalid_scope"))
 
-        token = self._issue(subject)
+        token = self._issue(subject, dpop_jkt)
         received.outcome = "issued"
         document: dict[str, Any] = {"access_token": token, "token_type": "Bearer"}
+        if dpop_jkt is not None:
+            assert self.dpop is not None
+            self.dpop.bind(token, dpop_jkt)
+            document["token_type"] = "DPoP"
         if issued_token_type is not None:
             # RFC 8693 §2.2.1: REQUIRED in a token exchange answer.
             document["issued_token_type"] = issued_token_type
@@ -667,7 +697,7 @@ class TokenServer:
             return "TLS client certificate does not name this client"
         return None
 
-    def _issue(self, client_id: str) -> str:
+    def _issue(self, client_id: str, jkt: str | None = None) -> str:
         self.fetch_count += 1
         lifetime = _float_or(self.expires_in, 3600.0)
         if self.token_format == "jwt":
@@ -680,6 +710,8 @@ class TokenServer:
             }
             if self.jwt_iat:
                 claims["iat"] = issued_at
+            if jkt is not None:
+                claims["cnf"] = {"jkt": jkt}  # RFC 9449 §6.1
             token = jwt.encode(claims, self._jwt_signing_key, algorithm="HS256")
             lifetime = min(lifetime, jwt_lifetime)
         else:

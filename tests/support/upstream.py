@@ -8,7 +8,10 @@ Routes:
 - `/upload`: reads the body in a streaming way and answers its size and a checksum;
 - `/slow/{seconds}`: waits before answering; `/ws`: a WebSocket echo.
 If a `validate` callback is set, requests whose Authorization it rejects get 401 (or
-`refusal_status`).
+`refusal_status`). Given a `DpopAuthority` (`dpop`), it checks `Authorization: DPoP`
+requests and their proofs first (RFC 9449 §7), with `dpop_origin` the scheme and
+authority their `htu` must name (default: this server's own); see
+tests/support/dpop_servers.py.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import WSMsgType, web
+
+from tests.support.dpop_servers import DpopAuthority, DpopRefusal, add_dpop_response_headers
 
 CHUNK = 64 * 1024
 
@@ -51,8 +56,11 @@ class Upstream:
     refusal_status: int = 401
     received: list[Received] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    dpop: DpopAuthority | None = None
+    dpop_origin: str | None = None  # e.g. "https://inventory.test"
     _runner: web.AppRunner | None = None
     port: int = 0
+    _scheme: str = "http"
 
     @property
     def url(self) -> str:
@@ -68,11 +76,13 @@ class Upstream:
     async def start(self, port: int = 0, ssl_context: object = None) -> None:
         app = web.Application(client_max_size=2**40)
         app.router.add_route("*", "/{tail:.*}", self._handle)
+        app.on_response_prepare.append(add_dpop_response_headers)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port, ssl_context=ssl_context)  # type: ignore[arg-type]
         await site.start()
         self.port = self._runner.addresses[0][1]
+        self._scheme = "https" if ssl_context is not None else "http"
 
     async def close(self) -> None:
         if self._runner is not None:
@@ -87,7 +97,17 @@ class Upstream:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         record = Received(request.method, request.raw_path, raw_headers, peer=str(peer))
         self.received.append(record)
-        if self.validate is not None and not self.validate(request.headers.get("Authorization")):
+        checked = None
+        if self.dpop is not None:
+            origin = self.dpop_origin or f"{self._scheme}://127.0.0.1:{self.port}"
+            checked = self.dpop.check_resource_request(request, origin)
+            if isinstance(checked, DpopRefusal):
+                return checked.response()
+        if (
+            checked is None
+            and self.validate is not None
+            and not self.validate(request.headers.get("Authorization"))
+        ):
             return web.json_response({"error": "invalid_token"}, status=self.refusal_status)
         path = request.path
         if path == "/ws":

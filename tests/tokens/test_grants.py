@@ -512,7 +512,10 @@ async def test_usable_exchange_answers(
             "issued_token_type is '7': not an access token or a JWT, "
             "so it cannot be sent as a bearer token",
         ),
-        ({"token_type": "DPoP"}, "token_type is 'DPoP', not Bearer or N_A (RFC 6750)"),
+        (
+            {"token_type": "DPoP"},
+            "token_type is 'DPoP', not Bearer or N_A (RFC 6750); set token.dpop to use DPoP tokens",
+        ),
         ({"token_type": "mac"}, "token_type is 'mac', not Bearer or N_A (RFC 6750)"),
         ({"access_token": OMIT}, "token response has no access_token string"),
     ],
