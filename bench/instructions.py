@@ -98,6 +98,7 @@ class FixedToken:
     def __init__(self) -> None:
         self.held = HeldToken(time.monotonic)
         self.held.hold(TOKEN, math.inf)
+        self.dpop = None  # bearer tokens
 
     def current(self) -> str:
         return TOKEN

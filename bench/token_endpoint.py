@@ -3,7 +3,9 @@
 Run as `python -m bench.token_endpoint PORT LIFETIME` with the client secret in
 `BENCH_CLIENT_SECRET`. Any client id is accepted with that secret (client_secret_basic),
 so each upstream can use its own name as client id and `GET /counts` can say how many
-tokens each upstream fetched and when: the token economy part of the report.
+tokens each upstream fetched and when: the token economy part of the report. A token
+request that carries a `DPoP` header gets `"token_type": "DPoP"` (the proof is not
+checked): `bench.dpop` measures the proxy's side of DPoP.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class TokenEndpoint:
         return web.json_response(
             {
                 "access_token": secrets.token_urlsafe(24),
-                "token_type": "Bearer",
+                "token_type": "DPoP" if "DPoP" in request.headers else "Bearer",
                 "expires_in": self._lifetime,
             },
             headers={"Cache-Control": "no-store"},
