@@ -30,6 +30,7 @@ COMPILED_MODULES = [
     "proxy/datapath/forward.py",
     "proxy/datapath/injector.py",
     "proxy/datapath/listener.py",
+    "proxy/datapath/message_bounds.py",
     "proxy/datapath/messages.py",
     "proxy/datapath/outcomes.py",
     "proxy/datapath/planning.py",

@@ -18,13 +18,13 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Final, Protocol
+from typing import Protocol
 
 import httptools
 
 from proxy.config import LimitsConfig
-from proxy.datapath.chunk_sizes import ChunkSizes
 from proxy.datapath.flow_control import FlowControlledProtocol
+from proxy.datapath.message_bounds import MessageBounds
 from proxy.datapath.messages import HeadFields, RequestHead
 from proxy.datapath.request_body import RequestBody
 from proxy.datapath.states import (
@@ -68,12 +68,6 @@ _HTTP2_NOT_SUPPORTED = (
     + b"\x00\x00\x00\x00\x00\x00\x00\x0d"
     + _H2_DEBUG
 )
-
-_CR: Final = 13
-_LF: Final = 10
-# Where a message began, when not at an offset of the current read.
-_EARLIER_READ: Final = -1
-_UNKNOWN: Final = -2
 
 
 class ConnectionOwner(Protocol):
@@ -153,19 +147,8 @@ class ClientConnection(FlowControlledProtocol):
         # message that began there, that chunk (see _http_version).
         self._chunk_at_message_start: bytes | None = None
         self._message_start_chunk: bytes | None = None
-        # Where things are in the bytes being parsed, for reading chunk-size lines ahead
-        # of llhttp (`ChunkSizes`), which reports no offsets: the current read (while it
-        # is parsed); where the message under way began in it (or `_EARLIER_READ`, and
-        # then `_carried` is the state that read began in, or `_UNKNOWN`); the last bytes
-        # of an unfinished head; the message's body length (-1: chunked) and how much of
-        # its body earlier reads brought.
-        self._read = b""
-        self._message_offset = 0
-        self._carried = AWAITING_REQUEST
-        self._head_tail = b""
-        self._body_length = 0
-        self._body_read_before = 0
-        self._chunk_sizes: ChunkSizes | None = None
+        # Where the request under way lies in the read, for its chunk sizes.
+        self._bounds = MessageBounds()
         self._body: RequestBody | None = None
         self._parsing_error: ProxyError | None = None
         self._raw_sink: RawSink | None = None
@@ -211,42 +194,33 @@ class ClientConnection(FlowControlledProtocol):
                 self._taken_over_tail += data
             return
         in_head = state == IN_HEAD
-        self._read = data
+        bounds = self._bounds
         if state == AWAITING_REQUEST:
+            bounds.read = data
             self._chunk_at_message_start = data
         else:
             self._chunk_at_message_start = None
-            # The message under way began in an earlier read.
-            self._message_offset = _EARLIER_READ
-            self._carried = state
-            if state != IN_HEAD:
-                body = self._body
-                if body is not None:
-                    self._body_read_before = body.received
-                chunks = self._chunk_sizes
-                if chunks is not None and not chunks.finished and self._body_length < 0:
-                    # Chunk-size lines are checked before llhttp reads on past them.
-                    try:
-                        chunks.scan(data, 0)
-                    except ProxyError as error:
-                        self._parse_failed(error)
-                        return
+            try:
+                bounds.read_continues(data, in_head, self._body)
+            except ProxyError as error:
+                self._parse_failed(error)
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            self._read = b""
+            bounds.read = b""
             self._taken_over_tail = data[upgrade.args[0] :]
             self._move(STOP_PARSING)
             self.pause_reading()
             return
         except httptools.HttpParserError as exc:
-            self._read = b""
+            bounds.read = b""
             if _H2_PREFACE_ERROR in str(exc) and not self.busy and not self._queue:
                 self._refuse_http2()
                 return
             self._parse_failed(self._parsing_error or BadRequest(_parser_message(exc)))
             return
-        self._read = b""  # only the callbacks of this read look at it: not kept
+        bounds.read = b""  # only the callbacks of this read look at it: not kept
         if self.state == IN_HEAD:
             if not self.header_deadline:
                 # A head began in these bytes and did not end in them (most heads do:
@@ -260,9 +234,7 @@ class ClientConnection(FlowControlledProtocol):
                 if self._unfinished_head > self._max_request_line + self._max_header_size:
                     self._parse_failed(HeadersTooLarge("request headers too large"))
                     return
-            # The last bytes of an unfinished head, to find its end if it is split there.
-            tail = self._head_tail + data if in_head else data
-            self._head_tail = tail[-3:]
+            bounds.head_unfinished(data, in_head)
 
     def eof_received(self) -> bool | None:
         # True keeps our write side open after the client's half-close. A TLS transport
@@ -321,10 +293,7 @@ class ClientConnection(FlowControlledProtocol):
         self._message_start_chunk = chunk
         if chunk is not None:
             self._chunk_at_message_start = None
-            self._message_offset = 0
-        else:
-            # Another message ended in this read (pipelining): this one begins after it.
-            self._message_offset = self._end_of_last_message()
+        self._bounds.message_begins(at_read_start=chunk is not None)
         self._move(MESSAGE_BEGIN)
         self._url = b""
         self._method = ""
@@ -394,24 +363,16 @@ class ClientConnection(FlowControlledProtocol):
                 )
                 raise self._parsing_error
             content_length = None
-        if chunked:
-            self._body_length = -1
-            if not parser.should_upgrade():
+            try:
                 # llhttp takes a chunk size of any number of digits as long as its value
-                # fits 64 bits: the sizes are read here, ahead of it, before the head or
-                # any of the body is handed on.
-                chunks = self._chunk_sizes = ChunkSizes()
-                start = self._end_of_head()
-                if start >= 0:
-                    try:
-                        chunks.scan(self._read, start)
-                    except ProxyError as error:
-                        self._parsing_error = error
-                        raise
-                else:
-                    chunks.finished = True  # not located (never expected): not checked
+                # fits 64 bits: the sizes are read ahead of it (not an upgrade's: its
+                # bytes are not parsed).
+                self._bounds.chunked_body(check=not parser.should_upgrade())
+            except ProxyError as error:
+                self._parsing_error = error
+                raise
         else:
-            self._body_length = content_length or 0
+            self._bounds.sized_body(content_length or 0)
         limit = self._max_body_size
         if limit is not None and content_length is not None and content_length > limit:
             # Refuse before anything goes upstream (RFC 9110 §15.5.14).
@@ -465,42 +426,6 @@ class ClientConnection(FlowControlledProtocol):
         if self._body is not None:
             self._body.finish()
             self._body = None
-
-    def _end_of_head(self) -> int:
-        """Where, in the current read, the head of the message under way ends (the
-        offset after its blank line), or -1 if it does not end in this read."""
-        data = self._read
-        start = self._message_offset
-        if start == _UNKNOWN:
-            return -1
-        if start == _EARLIER_READ:
-            # The head began in an earlier read: its blank line may be split across them.
-            tail = self._head_tail
-            probe = (tail + data[:3]).find(b"\r\n\r\n")
-            if probe >= 0:
-                return probe + 4 - len(tail)
-            start = 0
-        else:
-            # llhttp skips empty lines before a request line (RFC 9112 §2.2).
-            while start < len(data) and (data[start] == _CR or data[start] == _LF):
-                start += 1
-        end = data.find(b"\r\n\r\n", start)
-        return end + 4 if end >= 0 else -1
-
-    def _end_of_last_message(self) -> int:
-        """Where, in the current read, the message that has just ended ends: called when
-        another begins in the same read, before its state is replaced by the new one's.
-        `_UNKNOWN` if that cannot be told (then a chunked body after it is not checked)."""
-        length = self._body_length
-        if length < 0:
-            chunks = self._chunk_sizes
-            end = chunks.end if chunks is not None else -1
-            return end if end >= 0 else _UNKNOWN
-        if self._message_offset == _EARLIER_READ and self._carried != IN_HEAD:
-            # Its head ended in an earlier read: what was left of its body came first.
-            return length - self._body_read_before
-        end = self._end_of_head()
-        return end + length if end >= 0 else _UNKNOWN
 
     def _http_version(self) -> str:
         """The request's HTTP version, from its request line when the chunk that began
@@ -638,14 +563,6 @@ class ClientConnection(FlowControlledProtocol):
         self.header_deadline = 0.0
         self.resume_reading()
         return tail
-
-    def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
 
     def close_if_idle(self) -> bool:
         """Close a keep-alive connection that has no request in flight (graceful shutdown)."""

@@ -4,7 +4,8 @@ A relay reads from one side and writes to the other. When the writing side's tra
 buffer fills, asyncio calls its `pause_writing`; whoever feeds it then pauses reading
 from the other side, and resumes on `resume_writing`. `FlowControlledProtocol` keeps the
 two flags and the guarded pause/resume of reading; `drain()` lets a coroutine wait for
-the buffer to empty.
+the buffer to empty. Either end is closed (after what is buffered is sent) or aborted
+the same way.
 """
 
 from __future__ import annotations
@@ -62,3 +63,11 @@ class FlowControlledProtocol(asyncio.Protocol):
         if self.reading_paused and self.transport is not None and not self.closed:
             self.reading_paused = False
             self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()

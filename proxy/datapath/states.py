@@ -1,4 +1,4 @@
-"""Connection states and the one table of their transitions.
+"""Connection states and the one table of their transitions, per side.
 
 python-hyper/h11's `_state.py` is the model: a connection is in one named state, each
 event moves it along one row of a table, and an event the table has no row for is an
@@ -11,13 +11,20 @@ bytes go to a tunnel or an upgraded connection). Whether a request is being answ
 (`busy`) is the other side, and the header and idle deadlines are times the listener's
 sweeper compares, not states.
 
+The upstream connection's state is where the response to its request in flight is:
+none due, awaited, in a head (interim 1xx heads come and go before the final one), in
+a body framed by its length or chunks, in a body that ends when the connection closes,
+or switched to another protocol by a 101. Whether the connection may carry another
+exchange also depends on facts beside the state (the response's keep-alive, a verdict
+that it must not be reused), which `UpstreamConnection` keeps as fields.
+
 The states are plain integers: the compiled build compares them as machine words,
 where an `enum` member would be an object looked up and compared through the C API.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, NoReturn
 
 # -- the client connection's request stream ----------------------------------------------
 
@@ -69,6 +76,60 @@ CLIENT_TRANSITIONS: Final[dict[tuple[int, int], int]] = {
 }
 
 
+# -- the upstream connection's response ------------------------------------------------
+
+# Ordered so that the states before `IN_RESPONSE_BODY` are those awaiting the final head.
+AWAITING_RESPONSE: Final = 0  # a request went out; no head of its response has begun
+IN_RESPONSE_HEAD: Final = 1  # a response head (interim or final) has begun, not ended
+IN_INTERIM: Final = 2  # an interim (1xx) head has ended, its message not yet
+IN_RESPONSE_BODY: Final = 3  # the final head has ended; its body, if any, is framed
+IN_BODY_UNTIL_CLOSE: Final = 4  # the final head has ended; its body ends at the close
+IDLE: Final = 5  # no response due: a new connection, or the last response ended
+SWITCHED: Final = 6  # a 101 ended the response: what follows is another protocol
+
+UPSTREAM_STATE_NAMES: Final = (
+    "AWAITING_RESPONSE",
+    "IN_RESPONSE_HEAD",
+    "IN_INTERIM",
+    "IN_RESPONSE_BODY",
+    "IN_BODY_UNTIL_CLOSE",
+    "IDLE",
+    "SWITCHED",
+)
+
+# Events, from the forwarder and from the response parser's callbacks.
+SEND_REQUEST: Final = 0
+RESPONSE_BEGIN: Final = 1
+INTERIM_HEAD_END: Final = 2  # a 1xx head other than 101
+FINAL_HEAD_END: Final = 3  # its body framed by Content-Length or chunks, or none
+FINAL_HEAD_END_UNTIL_CLOSE: Final = 4  # its body delimited by the close (RFC 9112 §6.3)
+RESPONSE_END: Final = 5
+SWITCH_PROTOCOLS: Final = 6
+
+UPSTREAM_EVENT_NAMES: Final = (
+    "SEND_REQUEST",
+    "RESPONSE_BEGIN",
+    "INTERIM_HEAD_END",
+    "FINAL_HEAD_END",
+    "FINAL_HEAD_END_UNTIL_CLOSE",
+    "RESPONSE_END",
+    "SWITCH_PROTOCOLS",
+)
+
+# (state, event) -> next state. Nothing else may happen.
+UPSTREAM_TRANSITIONS: Final[dict[tuple[int, int], int]] = {
+    (IDLE, SEND_REQUEST): AWAITING_RESPONSE,
+    (AWAITING_RESPONSE, RESPONSE_BEGIN): IN_RESPONSE_HEAD,
+    (IN_RESPONSE_HEAD, INTERIM_HEAD_END): IN_INTERIM,
+    (IN_INTERIM, RESPONSE_END): AWAITING_RESPONSE,
+    (IN_RESPONSE_HEAD, FINAL_HEAD_END): IN_RESPONSE_BODY,
+    (IN_RESPONSE_HEAD, FINAL_HEAD_END_UNTIL_CLOSE): IN_BODY_UNTIL_CLOSE,
+    (IN_RESPONSE_BODY, RESPONSE_END): IDLE,
+    # llhttp ends a 101's message before it stops at the switch.
+    (IDLE, SWITCH_PROTOCOLS): SWITCHED,
+}
+
+
 _NO_ROW: Final = 255
 
 
@@ -82,19 +143,35 @@ def _flat(table: dict[tuple[int, int], int], states: int, events: int) -> bytes:
     return bytes(flat)
 
 
-CLIENT_EVENTS: Final = len(CLIENT_EVENT_NAMES)
+# How many events each side has, as literals: the compiled build multiplies by a
+# constant instead of loading a global (tests check them against the names).
+CLIENT_EVENTS: Final = 6
 CLIENT_NEXT: Final = _flat(CLIENT_TRANSITIONS, len(CLIENT_STATE_NAMES), CLIENT_EVENTS)
+UPSTREAM_EVENTS: Final = 7
+UPSTREAM_NEXT: Final = _flat(UPSTREAM_TRANSITIONS, len(UPSTREAM_STATE_NAMES), UPSTREAM_EVENTS)
 
 
 class ConnectionStateError(Exception):
-    """An event the transition table has no row for: a bug, not a client's fault."""
+    """An event the transition table has no row for: a bug, not the peer's fault."""
 
 
 def client_next(state: int, event: int) -> int:
     """The client connection's state after `event` in `state`."""
     new = CLIENT_NEXT[state * CLIENT_EVENTS + event]
-    if new == _NO_ROW:
-        raise ConnectionStateError(
-            f"{CLIENT_EVENT_NAMES[event]} in client state {CLIENT_STATE_NAMES[state]}"
-        )
-    return new
+    return new if new != _NO_ROW else _no_row(_CLIENT, state, event)
+
+
+def upstream_next(state: int, event: int) -> int:
+    """The upstream connection's state after `event` in `state`."""
+    new = UPSTREAM_NEXT[state * UPSTREAM_EVENTS + event]
+    return new if new != _NO_ROW else _no_row(_UPSTREAM, state, event)
+
+
+_Side = tuple[str, tuple[str, ...], tuple[str, ...]]  # its name, its states', its events'
+_CLIENT: Final[_Side] = ("client", CLIENT_STATE_NAMES, CLIENT_EVENT_NAMES)
+_UPSTREAM: Final[_Side] = ("upstream", UPSTREAM_STATE_NAMES, UPSTREAM_EVENT_NAMES)
+
+
+def _no_row(side: _Side, state: int, event: int) -> NoReturn:
+    name, state_names, event_names = side
+    raise ConnectionStateError(f"{event_names[event]} in {name} state {state_names[state]}")

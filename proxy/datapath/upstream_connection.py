@@ -6,6 +6,9 @@ through plain method calls (`on_head`, `on_body`, `on_complete`, `on_error`): th
 forwarder's exchanges either write straight through to the client (the fast path) or
 resolve futures that a coroutine awaits (everything else).
 
+Where the response stands is the connection's `state` (`proxy.datapath.states`), moved
+along that module's one table by `_move` only.
+
 Timing is done without per-request timers: each connection records when it last saw
 activity, and the pool's sweeper (`proxy.datapath.upstream_pool`) calls
 `check_silence`, which fails an exchange whose upstream has been silent longer than
@@ -23,6 +26,21 @@ import httptools
 
 from proxy.datapath.flow_control import FlowControlledProtocol
 from proxy.datapath.messages import ResponseHead, read_response_head
+from proxy.datapath.states import (
+    FINAL_HEAD_END,
+    FINAL_HEAD_END_UNTIL_CLOSE,
+    IDLE,
+    IN_BODY_UNTIL_CLOSE,
+    IN_INTERIM,
+    IN_RESPONSE_HEAD,
+    INTERIM_HEAD_END,
+    RESPONSE_BEGIN,
+    RESPONSE_END,
+    SEND_REQUEST,
+    SWITCH_PROTOCOLS,
+    SWITCHED,
+    upstream_next,
+)
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 
 # Beyond this a response head is an attack or a bug, not an API (Envoy's default is 60 KiB).
@@ -153,7 +171,12 @@ class AwaitedExchange(Exchange):
 
 
 class UpstreamConnection(FlowControlledProtocol):
-    """One connection to an upstream origin; carries one exchange at a time."""
+    """One connection to an upstream origin; carries one exchange at a time.
+
+    Beside the state, two facts decide whether it may carry another exchange: whether
+    the last response allowed keep-alive, and `abort_after_exchange`, a verdict that it
+    must not be reused, which any stage (and the forwarder) may reach.
+    """
 
     def __init__(self, pool: ConnectionTracker, origin: Origin, timeout: float) -> None:
         super().__init__()
@@ -168,16 +191,16 @@ class UpstreamConnection(FlowControlledProtocol):
         # (interim 1xx heads come first), and where the head being parsed starts.
         self._heads: bytes | bytearray = b""
         self._head_start = 0
-        self._in_head = False
-        self._awaiting_head = False
+        # Where the response stands (`proxy.datapath.states`): moved by `_move` only.
+        self.state = IDLE
         self._keep_alive = False
         self._unfinished_head = 0
-        self._interim = False
-        self._close_delimited = False
         self.last_activity = 0.0
         self.idle_since = 0.0
-        self._upgraded = False
         self.abort_after_exchange = False
+
+    def _move(self, event: int) -> None:
+        self.state = upstream_next(self.state, event)
 
     # -- asyncio.Protocol --------------------------------------------------
 
@@ -188,12 +211,13 @@ class UpstreamConnection(FlowControlledProtocol):
             self.abort()
             return
         exchange.received_any = True
-        if self._upgraded:
+        state = self.state
+        if state == SWITCHED:
             self.last_activity = self._loop.time()
             exchange.upgrade_tail += data
             return
-        in_head = self._in_head
-        if self._awaiting_head:
+        in_head = state == IN_RESPONSE_HEAD
+        if state <= IN_INTERIM:  # the final head is awaited: keep what may be part of it
             heads = self._heads
             if not heads:
                 self._heads = data
@@ -206,20 +230,20 @@ class UpstreamConnection(FlowControlledProtocol):
         except httptools.HttpParserUpgrade as upgrade:
             # 101 Switching Protocols: what follows belongs to the new protocol, and the
             # forwarder takes the raw transport over.
-            self._upgraded = True
+            self._move(SWITCH_PROTOCOLS)
             exchange.upgrade_tail += data[upgrade.args[0] :]
         except httptools.HttpParserError as exc:
             self.abort()
             exchange.fail(UpstreamUnreachable(f"invalid response from upstream: {exc}"[:200]))
         else:
-            if in_head and self._in_head:
+            if in_head and self.state == IN_RESPONSE_HEAD:
                 # httptools holds a header field until it ends, and llhttp sets no size
                 # limit: count what arrived while the head stayed unfinished.
                 self._unfinished_head += len(data)
                 if self._unfinished_head > MAX_RESPONSE_HEAD:
                     self.abort()
                     exchange.fail(UpstreamUnreachable("response head from upstream is too large"))
-        if not self._awaiting_head and not exchange.complete:
+        if self.state > IN_INTERIM and not exchange.complete:
             # Bytes of an unfinished head are not an answer: `timeout` bounds the wait for
             # the whole head after the last request byte, however slowly it trickles in.
             # (A finished exchange needs no more watching.)
@@ -235,7 +259,7 @@ class UpstreamConnection(FlowControlledProtocol):
         exchange = self.exchange
         if exchange is None or exchange.complete or exchange.failed:
             return
-        if self._close_delimited and exc is None:
+        if self.state == IN_BODY_UNTIL_CLOSE and exc is None:
             exchange.finish()  # RFC 9112 §6.3: the body ends when the connection closes
         else:
             exchange.fail(UpstreamUnreachable("upstream closed the connection"))
@@ -249,7 +273,7 @@ class UpstreamConnection(FlowControlledProtocol):
             # to frame the next exchange's response.
             self.abort_after_exchange = True
             raise UpstreamUnreachable("upstream sent a response nobody asked for")
-        self._in_head = True
+        self._move(RESPONSE_BEGIN)
         self._unfinished_head = 0
 
     def on_headers_complete(self) -> None:
@@ -257,7 +281,6 @@ class UpstreamConnection(FlowControlledProtocol):
         assert exchange is not None
         parser = self._parser
         status = parser.get_status_code()
-        self._in_head = False
         if not 100 <= status <= 599:
             # llhttp takes any three digits; RFC 9110 §15: outside 100..599 is invalid.
             raise UpstreamUnreachable(f"invalid status code {status} from upstream")
@@ -267,19 +290,22 @@ class UpstreamConnection(FlowControlledProtocol):
             raise UpstreamUnreachable("the upstream answered in a protocol other than HTTP")
         head = read_response_head(raw, status, parser.should_keep_alive())
         if 100 <= status < 200 and status != 101:
-            self._interim = True
+            self._move(INTERIM_HEAD_END)
             # Keep only what follows: an upstream sending 1xx heads without end must not
             # make them pile up.
             self._heads = self._heads[self._head_start :]
             self._head_start = 0
             exchange.on_interim(head)
             return
-        self._interim = False
-        self._awaiting_head = False
+        # RFC 9112 §6.3: the answer to HEAD, a 1xx (here a 101), a 204 and a 304 end at
+        # the head's blank line.
+        no_body = exchange.head_only or status in (101, 204, 304)
+        if no_body or head.chunked or head.content_length is not None:
+            self._move(FINAL_HEAD_END)
+        else:
+            self._move(FINAL_HEAD_END_UNTIL_CLOSE)
         self._heads = b""
         self._keep_alive = head.keep_alive
-        no_body = exchange.head_only or status in (204, 304)
-        self._close_delimited = not no_body and not head.chunked and head.content_length is None
         exchange.on_head(head)
         if exchange.head_only:
             # llhttp cannot be told a response answers HEAD; the exchange ends here and
@@ -309,8 +335,9 @@ class UpstreamConnection(FlowControlledProtocol):
             exchange.on_body(data)
 
     def on_message_complete(self) -> None:
-        if self._interim:
-            self._interim = False
+        interim = self.state == IN_INTERIM
+        self._move(RESPONSE_END)
+        if interim:
             return
         exchange = self.exchange
         if exchange is not None:
@@ -324,8 +351,7 @@ class UpstreamConnection(FlowControlledProtocol):
         self.exchange = exchange
         exchange.reused = self.exchanges > 0
         self.exchanges += 1
-        self._close_delimited = False
-        self._awaiting_head = True
+        self._move(SEND_REQUEST)
         self._heads = b""
         self._head_start = 0
         self._keep_alive = False
@@ -366,7 +392,8 @@ class UpstreamConnection(FlowControlledProtocol):
             # keep-alive) no further request may be sent on this connection.
             and self._keep_alive
             and not self.reading_paused
-            and not self._upgraded
+            # The response ended where the next may begin (not switched to another protocol).
+            and self.state == IDLE
         )
 
     def detach(self) -> asyncio.Transport:
@@ -375,11 +402,3 @@ class UpstreamConnection(FlowControlledProtocol):
         self.exchange = None
         self._pool.forget(self)
         return self.transport
-
-    def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
