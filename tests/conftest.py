@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+import trustme
 
 from proxy import data_path_build
 from proxy.app import ProxyApp
@@ -87,3 +89,17 @@ async def inventory_proxy(
         )
     )
     return await start_proxy(config)
+
+
+@pytest.fixture(scope="module")
+def server_ca() -> trustme.CA:
+    """Signs the certificates of a module's HTTPS test servers (upstreams, token endpoint)."""
+    return trustme.CA()
+
+
+@pytest.fixture
+def server_ca_file(server_ca: trustme.CA, tmp_path: Path) -> Path:
+    """`server_ca` as a PEM file, for a proxy's `ca_file`."""
+    path = tmp_path / "server-ca.pem"
+    server_ca.cert_pem.write_to_path(str(path))
+    return path

@@ -86,10 +86,8 @@ class Injector:
         the request as the upstream receives it: a DPoP proof is made for them.
         """
         dpop = self.dpop
-        if dpop is not None:
-            held = self._held
-            if held is not None and held.dpop:
-                return self._inject_bound(dpop, headers, token, method, scheme, authority, target)
+        if dpop is not None and self._held is not None and self._held.dpop:
+            return self._inject_bound(dpop, headers, token, (method, scheme, authority, target))
         credential_name = self._lowered
         length = len(credential_name)
         overwrite = self.overwrite
@@ -111,11 +109,10 @@ class Injector:
         dpop: DpopSession,
         headers: Headers,
         token: str,
-        method: str,
-        scheme: str,
-        authority: bytes,
-        target: bytes,
+        request: tuple[str, str, bytes, bytes],
     ) -> tuple[Headers, int]:
+        """`inject` for a DPoP-bound token; `request` is (method, scheme, authority,
+        target) as the upstream receives it."""
         credential_name = self._lowered
         clients_own = any(name.lower() == credential_name for name, _ in headers)
         if clients_own and not self.overwrite:
@@ -125,6 +122,7 @@ class Injector:
             for name, value in headers
             if name.lower() not in (credential_name, _DPOP_FIELD)
         ]
+        method, scheme, authority, target = request
         proof = dpop.request_proof(
             method, scheme, authority.decode("latin-1"), target.decode("latin-1"), token
         )

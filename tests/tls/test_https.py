@@ -38,6 +38,7 @@ from proxy.config import (
 )
 from proxy.ops.metrics import Metrics
 from proxy.tls.intercept import TlsInterceptor
+from tests.support.certificates import server_context
 from tests.support.configs import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -60,31 +61,9 @@ UTC = datetime.UTC
 
 
 @pytest.fixture(scope="module")
-def server_ca() -> trustme.CA:
-    """Signs the upstream's and the token endpoint's certificates."""
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
 def client_ca() -> trustme.CA:
     """Signs client certificates for mutual TLS."""
     return trustme.CA()
-
-
-@pytest.fixture
-def server_ca_file(server_ca: trustme.CA, tmp_path: Path) -> Path:
-    path = tmp_path / "server-ca.pem"
-    server_ca.cert_pem.write_to_path(str(path))
-    return path
-
-
-def server_context(ca: trustme.CA, *, client_ca: trustme.CA | None = None) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-    if client_ca is not None:
-        client_ca.configure_trust(context)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 def client_files(ca: trustme.CA, name: str, directory: Path) -> tuple[Path, Path]:
@@ -368,6 +347,7 @@ async def test_aiohttp_sees_a_leaf_for_the_host_that_chains_to_the_local_ca(
         )
         try:
             leaf = peer_certificate(writer)
+            # An upstream that speaks only HTTP/1.1: h2 is not offered to the client.
             assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
         finally:
             await close(writer)

@@ -26,12 +26,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from proxy.app import ProxyApp
 from proxy.config import Address, DpopConfig, TlsClientConfig, TlsInterceptConfig
 from tests.config.documents import pem
+from tests.support.certificates import server_context
 from tests.support.configs import (
     CLIENT_ID,
     CLIENT_SECRET,
     StartProxy,
     proxy_config,
     proxy_url,
+    start_inventory,
     token_config,
     upstream_config,
 )
@@ -65,31 +67,26 @@ async def api(authority: DpopAuthority) -> AsyncIterator[Upstream]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def server_ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def server_ca_file(server_ca: trustme.CA, tmp_path: Path) -> Path:
-    path = tmp_path / "server-ca.pem"
-    server_ca.cert_pem.write_to_path(str(path))
-    return path
-
-
 @pytest.fixture
 async def https_api(authority: DpopAuthority, server_ca: trustme.CA) -> AsyncIterator[Upstream]:
     """The same API over HTTPS, for interception."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
     server = Upstream(dpop=authority)
-    await server.start(ssl_context=context)
+    await server.start(ssl_context=server_context(server_ca))
     yield server
     await server.close()
 
 
 def dpop_token(server: TokenServer, **dpop: Any) -> Any:
     return token_config(server, dpop=DpopConfig(**dpop))
+
+
+async def start_dpop_inventory(
+    start_proxy: StartProxy, server: TokenServer, api: Upstream, **changes: Any
+) -> ProxyApp:
+    """A proxy whose `inventory` upstream (inventory.internal, sent to `api`) has DPoP
+    tokens from `server`; `dpop` changes the `token.dpop` section, `proxy` the proxy's."""
+    token = dpop_token(server, **changes.pop("dpop", {}))
+    return await start_inventory(start_proxy, server, api, token=token, **changes)
 
 
 def metric(app: ProxyApp, name: str, **labels: str) -> float:
@@ -222,11 +219,7 @@ async def test_a_post_is_not_sent_twice_but_its_nonce_serves_the_next_request(
     dpop_token_server: TokenServer,
     api: Upstream,
 ) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config("inventory", [INVENTORY], dpop_token(dpop_token_server), url=api.url)
-        )
-    )
+    app = await start_dpop_inventory(start_proxy, dpop_token_server, api)
     nonce = authority.resource.demand_nonce()
     async with aiohttp.ClientSession() as session:
         post = session.post(f"http://{INVENTORY}/orders", data=b"{}", proxy=proxy_url(app))
@@ -248,11 +241,7 @@ async def test_a_get_with_a_small_body_is_sent_again_with_the_nonce(
     dpop_token_server: TokenServer,
     api: Upstream,
 ) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config("inventory", [INVENTORY], dpop_token(dpop_token_server), url=api.url)
-        )
-    )
+    app = await start_dpop_inventory(start_proxy, dpop_token_server, api)
     authority.resource.demand_nonce()
     async with aiohttp.ClientSession() as session:
         put = session.put(f"http://{INVENTORY}/upload", data=b"x" * 5000, proxy=proxy_url(app))
@@ -270,11 +259,7 @@ async def test_an_invalid_token_answer_drops_the_token_and_replays_with_a_new_on
     dpop_token_server: TokenServer,
     api: Upstream,
 ) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config("inventory", [INVENTORY], dpop_token(dpop_token_server), url=api.url)
-        )
-    )
+    app = await start_dpop_inventory(start_proxy, dpop_token_server, api)
     async with aiohttp.ClientSession() as session:
         get = session.get(f"http://{INVENTORY}/one", proxy=proxy_url(app))
         async with get as response:
@@ -302,13 +287,7 @@ async def test_a_bearer_answer_is_used_as_a_bearer_token_with_a_warning(
         return dpop_token_server.is_valid(token)
 
     async with Upstream(validate=validate) as bearer_api:
-        app = await start_proxy(
-            proxy_config(
-                upstream_config(
-                    "inventory", [INVENTORY], dpop_token(dpop_token_server), url=bearer_api.url
-                )
-            )
-        )
+        app = await start_dpop_inventory(start_proxy, dpop_token_server, bearer_api)
         with caplog.at_level(logging.WARNING, logger="token_proxy"):
             async with (
                 aiohttp.ClientSession() as session,
@@ -329,17 +308,7 @@ async def test_the_applications_own_credential_and_proof_are_kept_without_overwr
     dpop_token_server: TokenServer,
     api: Upstream,
 ) -> None:
-    app = await start_proxy(
-        proxy_config(
-            upstream_config(
-                "inventory",
-                [INVENTORY],
-                dpop_token(dpop_token_server),
-                url=api.url,
-                overwrite=False,
-            )
-        )
-    )
+    app = await start_dpop_inventory(start_proxy, dpop_token_server, api, overwrite=False)
     async with aiohttp.ClientSession() as session:
         headers = {"Authorization": "DPoP its-own", "DPoP": "its-own-proof"}
         async with session.get(
@@ -372,16 +341,12 @@ async def test_no_token_proof_or_key_reaches_the_log_or_status(
     authority.authorization.demand_nonce()
     authority.resource.demand_nonce()
     with caplog.at_level(logging.DEBUG):
-        app = await start_proxy(
-            proxy_config(
-                upstream_config(
-                    "inventory",
-                    [INVENTORY],
-                    dpop_token(dpop_token_server, key_file=key_file),
-                    url=api.url,
-                ),
-                access_log=True,
-            )
+        app = await start_dpop_inventory(
+            start_proxy,
+            dpop_token_server,
+            api,
+            dpop={"key_file": key_file},
+            proxy={"access_log": True},
         )
         async with (
             aiohttp.ClientSession() as session,
@@ -452,16 +417,12 @@ async def test_tls_origination_and_websocket_upgrades_carry_proofs(
     server_ca_file: Path,
 ) -> None:
     authority.resource.demand_nonce()
-    app = await start_proxy(
-        proxy_config(
-            upstream_config(
-                "inventory",
-                [INVENTORY],
-                dpop_token(dpop_token_server),
-                url=f"https://127.0.0.1:{https_api.port}",
-                tls=TlsClientConfig(ca_file=server_ca_file),
-            )
-        )
+    app = await start_dpop_inventory(
+        start_proxy,
+        dpop_token_server,
+        https_api,
+        url=f"https://127.0.0.1:{https_api.port}",
+        tls=TlsClientConfig(ca_file=server_ca_file),
     )
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://{INVENTORY}/plain", proxy=proxy_url(app)) as response:
