@@ -30,6 +30,9 @@ LogFormat = Literal["text", "json"]
 TokenCacheMode = Literal["shared", "local"]
 # The JWS algorithms DPoP proofs are signed with (RFC 9449 §4.2, RFC 7518, RFC 8037).
 DpopAlgorithm = Literal["ES256", "EdDSA", "RS256", "PS256"]
+# Whether an upstream is spoken to in HTTP/2 (RFC 9113): when it offers h2 in ALPN or
+# the request came in as HTTP/2 (auto), never (off), or always (required).
+Http2Mode = Literal["auto", "off", "required"]
 
 
 class ConfigError(Exception):
@@ -196,6 +199,7 @@ class UpstreamConfig:
     # Upstream answers with these statuses, to a request that carried our token, drop
     # that token (idempotent requests are then sent again with a new one).
     purge_on_status: tuple[int, ...] = (401,)
+    http2: Http2Mode = "auto"
 
 
 @dataclass(frozen=True)

@@ -371,6 +371,16 @@ class Section:
         value = self.get(key)
         return default if value is MISSING else read(self.reader, self.key_path(key), value)
 
+    def mapping(self, key: str, of_what: str) -> dict[object, object] | None:
+        """The mapping at `key`, None when the key is absent; anything else fails,
+        saying what the mapping maps (`of_what`, e.g. "parameter names to values")."""
+        value = self.get(key)
+        if value is MISSING:
+            return None
+        if not isinstance(value, dict):
+            self.fail(key, f"expected a mapping of {of_what}, got {type_name(value)}")
+        return value
+
     def required(self, key: str, read: Read[_T]) -> _T:
         value = self.get(key)
         if value is MISSING:

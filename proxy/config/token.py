@@ -30,7 +30,6 @@ from proxy.config.model import (
 )
 from proxy.config.scalars import duration, one_of
 from proxy.config.source import (
-    MISSING,
     KeyPath,
     Read,
     Reader,
@@ -295,7 +294,7 @@ def _check_auth_method(
             )
         if present("key_id") and not present("private_key_file"):
             section.fail("key_id", "only used with private_key_file")
-    elif method == "none":
+    else:  # none, or tls_client_auth (RFC 8705 §2.1): the client certificate is the credential
         for key in (
             "client_secret",
             "client_secret_file",
@@ -304,15 +303,7 @@ def _check_auth_method(
             "key_id",
         ):
             not_used_with(key)
-    else:  # tls_client_auth (RFC 8705 §2.1): the client certificate is the credential
-        for key in (
-            "client_secret",
-            "client_secret_file",
-            "private_key_file",
-            "client_assertion_file",
-            "key_id",
-        ):
-            not_used_with(key)
+    if method == "tls_client_auth":
         for key, file_path in (
             ("client_cert_file", tls.client_cert_file),
             ("client_key_file", tls.client_key_file),
@@ -377,15 +368,11 @@ def _resource(reader: Reader, path: KeyPath, value: object) -> tuple[str, ...]:
 
 
 def _extra_params(section: Section) -> tuple[tuple[str, str], ...]:
-    value = section.get("extra_params")
-    if value is MISSING:
+    value = section.mapping("extra_params", "parameter names to values")
+    if value is None:
         return ()
     reader = section.reader
     path = section.key_path("extra_params")
-    if not isinstance(value, dict):
-        reader.fail(
-            path, f"expected a mapping of parameter names to values, got {type_name(value)}"
-        )
     params = []
     for name, param in value.items():
         param_path = (*path, key_segment(name))

@@ -2,19 +2,19 @@
 
 Owns the upstream names (they become metric labels), `match` (exact hosts, a path
 prefix, methods), where matched requests go (`url`, a reverse-proxy `listen` port, the
-TLS of that connection and its timeouts), and the injection settings (`header`,
-`overwrite`, `required`, `purge_on_status`). The `token` section is read by
-`proxy.config.token`; checks across upstreams (overlapping hosts, shared ports) are in
+TLS of that connection, its timeouts and HTTP version: `http2`), and the injection
+settings (`header`, `overwrite`, `required`, `purge_on_status`). The `token` section
+is read by `proxy.config.token`; checks across upstreams (overlapping hosts, shared ports) are in
 `proxy.config.checks`."""
 
 from __future__ import annotations
 
 import re
+import typing
 
-from proxy.config.model import HostMatch, MatchConfig, TokenConfig, UpstreamConfig
-from proxy.config.scalars import address, boolean, duration, integer, split_host_port
+from proxy.config.model import HostMatch, Http2Mode, MatchConfig, TokenConfig, UpstreamConfig
+from proxy.config.scalars import address, boolean, duration, integer, one_of, split_host_port
 from proxy.config.source import (
-    MISSING,
     KeyPath,
     Reader,
     Section,
@@ -32,6 +32,7 @@ __all__ = ["UPSTREAM_KEYS", "upstreams"]
 # `name` is the upstream's key in `upstreams`, not a key of its own section.
 UPSTREAM_KEYS = yaml_keys(UpstreamConfig, skip={"name"}, expand={"tls": TLS_KEYS})
 _MATCH_KEYS = yaml_keys(MatchConfig)
+_HTTP2_MODES: tuple[Http2Mode, ...] = typing.get_args(Http2Mode)
 _UPSTREAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _RESERVED_UPSTREAM_NAMES = ("unmatched",)
 # RFC 9110 §5.6.2 token characters.
@@ -56,15 +57,13 @@ _FORBIDDEN_HEADERS = frozenset(
 
 def upstreams(top: Section) -> tuple[UpstreamConfig, ...]:
     """The `upstreams` mapping of the top-level section, in the order written."""
-    value = top.get("upstreams")
-    if value is MISSING or value is None:
+    if top.get("upstreams") is None:
+        return ()  # `upstreams:` with nothing under it
+    value = top.mapping("upstreams", "upstream names to upstreams")
+    if value is None:
         return ()
     reader = top.reader
     path = top.key_path("upstreams")
-    if not isinstance(value, dict):
-        reader.fail(
-            path, f"expected a mapping of upstream names to upstreams, got {type_name(value)}"
-        )
     result = []
     for name, body in value.items():
         if not isinstance(name, str):
@@ -119,7 +118,14 @@ def _upstream(section: Section, name: str) -> UpstreamConfig:
         purge_on_status=section.with_default(
             "purge_on_status", _purge_statuses, defaults.purge_on_status
         ),
+        http2=section.with_default("http2", _http2_mode, defaults.http2),
     )
+
+
+def _http2_mode(reader: Reader, path: KeyPath, value: object) -> Http2Mode:
+    if value is False:
+        return "off"  # YAML 1.1 reads an unquoted `off` as false
+    return one_of(_HTTP2_MODES)(reader, path, value)
 
 
 def _match(reader: Reader, path: KeyPath, value: object) -> MatchConfig:

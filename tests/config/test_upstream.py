@@ -152,6 +152,19 @@ CASES = [
         "upstreams.unmatched",
         "'unmatched' is reserved (the label of unmatched requests)",
     ),
+    Case(
+        "http2-unknown-mode",
+        {f"{UP}.http2": "on"},
+        f"{UP}.http2",
+        "'on': must be one of auto, off, required",
+    ),
+    Case(
+        # What YAML makes of an unquoted `on`: no mode of that name.
+        "http2-true",
+        {f"{UP}.http2": True},
+        f"{UP}.http2",
+        "expected a string, got a boolean",
+    ),
 ]
 
 
@@ -173,3 +186,23 @@ def test_defaults_are_every_method_and_a_purge_on_401(tmp_path: Path, files: Pat
     (upstream,) = load_config(write(tmp_path, edited({}), files), environ=ENV).upstreams
     assert upstream.match.methods == ()
     assert upstream.purge_on_status == (401,)
+
+
+def test_an_unquoted_off_is_off(tmp_path: Path, files: Path) -> None:
+    path = write(tmp_path, edited({}), files)
+    text = path.read_text()
+    assert "    match:" in text
+    path.write_text(text.replace("    match:", "    http2: off\n    match:", 1))
+    assert load_config(path, environ=ENV).upstreams[0].http2 == "off"
+
+
+def test_http2_is_auto_unless_set(tmp_path: Path, files: Path) -> None:
+    (upstream,) = load_config(write(tmp_path, edited({}), files), environ=ENV).upstreams
+    assert upstream.http2 == "auto"
+
+
+@pytest.mark.parametrize("mode", ["auto", "off", "required"])
+def test_http2_takes_each_mode(mode: str, tmp_path: Path, files: Path) -> None:
+    document = edited({f"{UP}.http2": mode})
+    (upstream,) = load_config(write(tmp_path, document, files), environ=ENV).upstreams
+    assert upstream.http2 == mode
