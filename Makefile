@@ -41,9 +41,10 @@ uncompile:
 	rm -rf build
 	find proxy -name '*.so' -delete
 
-## bench: throughput and latency against nginx (installs nginx and wrk)
+## bench: throughput and latency against nginx, then gRPC unary calls (installs nginx and wrk)
 bench: compile
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.grpc_unary
 
 clean: uncompile
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

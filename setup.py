@@ -34,6 +34,7 @@ COMPILED_MODULES = [
     "proxy/datapath/messages.py",
     "proxy/datapath/outcomes.py",
     "proxy/datapath/planning.py",
+    "proxy/datapath/replay.py",
     "proxy/datapath/request_body.py",
     "proxy/datapath/routing.py",
     "proxy/datapath/runtime.py",

@@ -1,4 +1,4 @@
-"""nginx configurations for the benchmark: the origin and the baseline proxy.
+"""nginx configurations for the benchmark: the origin and the baseline proxies.
 
 Both run as their own nginx instance with one worker, so each can be pinned to its
 own core and its CPU time read alone:
@@ -10,7 +10,9 @@ own core and its CPU time read alone:
   with upstream keep-alive, adding a static Authorization header; `/big` with larger
   proxy buffers and `/upload` streamed unbuffered to the upload sink.
 
-Both lift nginx's default of 1,000 requests per keep-alive connection, which would
+`bench.grpc_unary` has a gRPC baseline of its own (`grpc_baseline_config`).
+
+All lift nginx's default of 1,000 requests per keep-alive connection, which would
 otherwise make every proxy reconnect to the origin mid-run.
 """
 
@@ -101,6 +103,33 @@ http {{
             client_max_body_size 0;
             client_body_buffer_size 64k;
             proxy_request_buffering off;
+        }}
+    }}
+}}
+"""
+    )
+
+
+def grpc_baseline_config(directory: Path, port: int, upstream_port: int) -> str:
+    """gRPC's baseline (`bench.grpc_unary`): cleartext HTTP/2 with prior knowledge in,
+    `grpc_pass` to the grpcio upstream over kept-alive connections, with a static
+    `authorization` field added."""
+    return (
+        _main_block("grpc-baseline", directory)
+        + f"""
+http {{
+{_http_common("grpc-baseline", directory)}
+    http2_max_concurrent_streams 1024;
+    upstream grpc_origin {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 256;
+        keepalive_requests {KEEPALIVE_REQUESTS};
+    }}
+    server {{
+        listen 127.0.0.1:{port} http2 backlog=4096;
+        location / {{
+            grpc_pass grpc://grpc_origin;
+            grpc_set_header Authorization "Bearer {STATIC_TOKEN}";
         }}
     }}
 }}

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from proxy.config import ConfigError, ProxyConfig, TokenConfig, UpstreamConfig, load_config
 from proxy.datapath.forward import Forwarder
+from proxy.datapath.http2.front import Http2Front
+from proxy.datapath.http2.upstream import Http2Upstreams
 from proxy.datapath.listener import Listener
 from proxy.datapath.runtime import Runtime, RuntimeHolder
 from proxy.datapath.tunnel import TunnelHandler
@@ -80,6 +82,9 @@ class ProxyApp:
         self._reload_lock = asyncio.Lock()
         self.tunnels: TunnelHandler | None = None
         self.forwarder: Forwarder | None = None
+        # HTTP/2 from the application: intercepted sessions that chose h2, h2c on
+        # upstreams' own ports.
+        self.http2: Http2Front | None = None
         # The fleet token cache (token_cache), if configured; fixed until a restart.
         self.token_cache: CacheBackend | None = None
         self._cache_keys: CacheKeys | None = None
@@ -115,12 +120,16 @@ class ProxyApp:
             self.providers[upstream.name] = await self._start_provider(upstream)
         self._holder = RuntimeHolder(Runtime.build(config, self.providers))
         self.tunnels = TunnelHandler(self._holder, self.metrics)
-        self.forwarder = Forwarder(self._holder, self.pool, self.metrics, self.tunnels)
+        http2_upstreams = Http2Upstreams()
+        self.forwarder = Forwarder(
+            self._holder, self.pool, self.metrics, self.tunnels, http2=http2_upstreams
+        )
         self.tunnels.handlers = self.forwarder
+        self.http2 = Http2Front(self._holder, self.metrics, http2_upstreams)
         if config.tls_intercept is not None:
             # Before any port listens: a CA that cannot be loaded or written stops start-up.
             self.tunnels.interceptor = TlsInterceptor.from_config(
-                config.tls_intercept, self.forwarder, source=config.source
+                config.tls_intercept, self.forwarder, source=config.source, http2=self.http2
             )
         self.forward_listener = Listener(
             "forward", config.listen, self.forwarder.forward_handler(), config.limits, self.metrics
@@ -207,6 +216,8 @@ class ProxyApp:
         )
         await listener.start()
         self.reverse_listeners[upstream.name] = listener
+        if self.http2 is not None:
+            self.http2.attach_reverse(listener, upstream.name)
 
     async def _start_admin(self) -> None:
         cache = self.token_cache
@@ -301,6 +312,8 @@ class ProxyApp:
     async def _stop_reverse_listener(self, name: str) -> None:
         listener = self.reverse_listeners.pop(name, None)
         if listener is not None:
+            if self.http2 is not None:
+                self.http2.detach_reverse(listener)
             await listener.stop_accepting()
             await listener.drain(self.config.shutdown_grace_period)
             await listener.close()
@@ -352,6 +365,8 @@ class ProxyApp:
             )
         for listener in active:
             await listener.close()
+        if self.http2 is not None:
+            await self.http2.close()
         for provider in self.providers.values():
             await provider.close()
         if self.token_cache is not None:

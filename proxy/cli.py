@@ -166,10 +166,14 @@ def _describe_upstream(upstream: UpstreamConfig) -> list[tuple[str, object]]:
         rows.append(("audience", token.audience))
     if token.resource:
         rows.append(("resource", " ".join(token.resource)))
+    if token.dpop is not None:
+        key_file = token.dpop.key_file or "(generated at start-up)"
+        rows.append(("dpop", f"{token.dpop.alg}  key: {key_file}"))
     rows += [
         ("required", _yes_no(upstream.required)),
         ("overwrite", _yes_no(upstream.overwrite)),
         ("header", upstream.header),
+        ("http2", upstream.http2),
     ]
     return rows
 

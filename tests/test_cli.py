@@ -38,9 +38,11 @@ upstreams:
       client_id: order-service
       client_secret_file: {secret_file}
       scope: read:inventory write:orders
+      dpop: {{alg: EdDSA}}
   billing:
     match:
       hosts: [billing.internal]
+    http2: "off"
     header: X-Api-Token
     overwrite: false
     required: false
@@ -98,9 +100,11 @@ def test_check_prints_a_summary_without_secrets(good_config: Path) -> None:
         "  auth_method: client_secret_basic",
         f"  client_secret_file: {secret_file}",
         "  scope: read:inventory write:orders",
+        "  dpop: EdDSA  key: (generated at start-up)",
         "  required: true",
         "  overwrite: true",
         "  header: Authorization",
+        "  http2: auto",
         "upstream billing:",
         "  hosts: billing.internal",
         "  path_prefix: (any)",
@@ -115,6 +119,7 @@ def test_check_prints_a_summary_without_secrets(good_config: Path) -> None:
         "  required: false",
         "  overwrite: false",
         "  header: X-Api-Token",
+        "  http2: off",
     ]
     assert SECRET not in result.stdout
 

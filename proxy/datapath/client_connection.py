@@ -70,12 +70,20 @@ _HTTP2_NOT_SUPPORTED = (
 )
 
 
+class PriorKnowledge(Protocol):
+    """Serves a connection that began with the HTTP/2 preface (h2c with prior knowledge:
+    `proxy.datapath.http2.front`); False leaves it to be refused."""
+
+    def __call__(self, conn: ClientConnection, early: bytes | None) -> bool: ...
+
+
 class ConnectionOwner(Protocol):
     """The port a client connection belongs to (`proxy.datapath.listener.Listener`)."""
 
     name: str
     limits: LimitsConfig
     draining: bool  # shutting down: no keep-alive after the answer in flight
+    prior_knowledge: PriorKnowledge | None  # set on ports that serve h2c
 
     def connection_opened(self, conn: ClientConnection) -> None: ...
 
@@ -467,7 +475,15 @@ class ClientConnection(FlowControlledProtocol):
 
     def _refuse_http2(self) -> None:
         """An HTTP/2 connection preface (prior knowledge: gRPC, `curl --http2-prior-knowledge`):
-        answered in HTTP/2, so that the client can say why (RFC 9113 §3.4, §7)."""
+        answered in HTTP/2, so that the client can say why (RFC 9113 §3.4, §7).
+
+        An upstream's own `listen` port serves it instead (h2c): the HTTP/2 server
+        connection takes over, from the read the preface began (kept, as for every
+        message that begins a read, in `_message_start_chunk`)."""
+        self._move(STOP_PARSING)
+        serve = self.listener.prior_knowledge
+        if serve is not None and serve(self, self._message_start_chunk):
+            return
         _refusals.log(
             logging.WARNING,
             f"h2:{self.listener.name}",
@@ -476,7 +492,6 @@ class ClientConnection(FlowControlledProtocol):
             self.listener.name,
             self.peer,
         )
-        self._move(STOP_PARSING)
         self.write(_HTTP2_NOT_SUPPORTED)
         self.close()
 

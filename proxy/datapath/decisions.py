@@ -18,6 +18,8 @@ integer it gets back:
   RFC 9110 §9.2.2), or answer the error ourselves.
 * `frame_for_client`: the response head for the client, whether its body is re-chunked
   and whether the client connection stays open.
+
+How a request is sent again once one of these says so is `proxy.datapath.replay`'s.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ Body-less requests with a token and an idle upstream connection at hand take the
 path (`proxy.datapath.fast_path`), entirely in protocol callbacks; everything else, and
 whatever leaves the fast path, runs here as a coroutine. Both paths build the upstream
 head with the route's `Injector` and ask `proxy.datapath.decisions` what an answer means.
+A request for an upstream spoken to in HTTP/2 (its `http2` setting) is sent, from
+here, by `proxy.datapath.http2.bridge`, which asks the same decisions.
 
 Every error before the response head is sent becomes the contract's JSON answer via
 `ProxyError`; after that, the only honest signal left is closing the connection.
@@ -44,6 +46,8 @@ from proxy.datapath.decisions import (
     switched_unasked,
 )
 from proxy.datapath.fast_path import FastExchange
+from proxy.datapath.http2.bridge import Http2Bridge
+from proxy.datapath.http2.upstream import Http2Upstreams
 from proxy.datapath.injector import DPOP_TOKEN, NO_CREDENTIAL, may_carry_credential
 from proxy.datapath.messages import (
     LAST_CHUNK,
@@ -56,12 +60,12 @@ from proxy.datapath.messages import (
 )
 from proxy.datapath.outcomes import Outcomes, write_interim
 from proxy.datapath.planning import Plan, Planner, Planners, link_local_refusal
+from proxy.datapath.replay import KeptBody, SendAgain, note_nonce_replay, sent_whole, take_new_token
 from proxy.datapath.request_body import RequestBody
 from proxy.datapath.runtime import Route, RuntimeHolder
 from proxy.datapath.timeouts import (
     PASSTHROUGH_CONNECT_TIMEOUT,
     PASSTHROUGH_TIMEOUT,
-    REPLAY_BODY_WAIT,
 )
 from proxy.datapath.tunnel import TunnelHandler, splice
 from proxy.datapath.upstream_connection import AwaitedExchange, UpstreamConnection
@@ -72,8 +76,6 @@ from proxy.ops.metrics import UNMATCHED, Metrics
 
 log = logging.getLogger("token_proxy.forward")
 
-# Bodies up to this size are kept while sent, so a request can be replayed after a 401.
-REPLAY_LIMIT = 64 * 1024
 # CONNECT opens a tunnel; TRACE is sent without a token; TRACE and OPTIONS may have to
 # be answered here (Max-Forwards). None of them fits the fast path.
 _NOT_FAST = frozenset({"CONNECT", "TRACE", "OPTIONS"})
@@ -88,14 +90,6 @@ _ALLOWED_METHODS = b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"
 _FIRST_ATTEMPT = -1
 
 
-class _SendAgain(Exception):
-    """The request is to be sent again, as `how` (a `decisions` value) says."""
-
-    def __init__(self, how: int) -> None:
-        super().__init__(how)
-        self.how = how
-
-
 class Forwarder:
     """Serves the forward-proxy port and every reverse-proxy port."""
 
@@ -105,12 +99,15 @@ class Forwarder:
         pool: UpstreamPool,
         metrics: Metrics,
         tunnels: TunnelHandler,
+        http2: Http2Upstreams | None = None,
     ) -> None:
         self._planners = Planners(holder)
         self.pool = pool
         self._metrics = metrics
         self._tunnels = tunnels
         self._outcomes = Outcomes(holder, metrics)
+        # Requests for configured upstreams spoken to in HTTP/2 (`http2` setting).
+        self._bridge = Http2Bridge(http2, self._outcomes) if http2 is not None else None
         self._loop = asyncio.get_event_loop()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -248,7 +245,7 @@ class Forwarder:
                 await self._hold_whole(ctx, body)
             except ProxyError as error:
                 return self._outcomes.refuse(ctx, error)
-        kept = _KeptBody() if ctx.head.method in IDEMPOTENT else None
+        kept = KeptBody() if ctx.head.method in IDEMPOTENT else None
         return await self._send(ctx, kept, _FIRST_ATTEMPT)
 
     async def _hold_whole(self, ctx: RequestContext, body: RequestBody) -> None:
@@ -265,49 +262,42 @@ class Forwarder:
                 ctx.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         await body.whole()
 
-    async def _send(self, ctx: RequestContext, kept: _KeptBody | None, how: int) -> bool:
+    async def _send(self, ctx: RequestContext, kept: KeptBody | None, how: int) -> bool:
         """Send the request, again for as long as the decisions say so, and answer it."""
         try:
             while True:
                 if how == REPLAY_WITH_NEW_TOKEN:
-                    await self._take_new_token(ctx)
+                    await take_new_token(ctx, self._metrics)
                 elif how == REPLAY_WITH_NONCE:
-                    self._note_nonce_replay(ctx)
+                    note_nonce_replay(ctx, self._metrics)
                 ctx.fresh_connection = how == RETRY_ON_FRESH_CONNECTION
                 try:
                     return await self._attempt(ctx, kept)
-                except _SendAgain as again:
+                except SendAgain as again:
                     how = again.how
         except ProxyError as error:
             if isinstance(error, TokenUnavailable):
                 self._metrics.token_unavailable.labels(upstream=ctx.label).inc()
             return self._outcomes.refuse(ctx, error)
 
-    def _note_nonce_replay(self, ctx: RequestContext) -> None:
-        """The upstream asked for a DPoP nonce (kept by then): send again, same token."""
-        self._metrics.dpop_nonce_retries.labels(upstream=ctx.label, server="resource").inc()
-        ctx.replayed = True
-
-    async def _take_new_token(self, ctx: RequestContext) -> None:
-        """After the upstream refused the request's token (dropped by then): wait for another."""
-        plan = ctx.plan
-        route = plan.route if plan is not None else None
-        assert route is not None
-        self._metrics.upstream_unauthorized_retries.labels(upstream=route.name).inc()
-        log.info(
-            "upstream refused the token; retrying once with a new token",
-            extra={"event": "unauthorized_retry", "upstream": route.name},
-        )
-        ctx.token = await route.provider.get()
-        ctx.replayed = True
-
-    async def _attempt(self, ctx: RequestContext, kept: _KeptBody | None) -> bool:
-        """Send the request once and relay the answer; `_SendAgain` to send it again."""
+    async def _attempt(self, ctx: RequestContext, kept: KeptBody | None) -> bool:
+        """Send the request once and relay the answer; `SendAgain` to send it again."""
         plan = ctx.plan
         assert plan is not None
         conn = ctx.conn
         head = ctx.head
         body = ctx.body
+        route = plan.route
+        bridge = self._bridge
+        # WebSocket stays HTTP/1.1 (no extended CONNECT, RFC 8441).
+        if (
+            bridge is not None
+            and route is not None
+            and not head.upgrade
+            and route.config.http2 != "off"
+            and await bridge.speaks_h2(plan)
+        ):
+            return await bridge.attempt(ctx, kept)
         if body is not None and not ctx.replayed:
             # What arrived with the head (or since) may already have broken the body:
             # then the head is never sent.
@@ -333,7 +323,7 @@ class Forwarder:
             self.pool.discard(upconn)
             how = on_failure(ctx, exchange, False)
             if how == RETRY_ON_FRESH_CONNECTION:
-                raise _SendAgain(how) from None
+                raise SendAgain(how) from None
             if how == CLIENT_GONE:
                 return False
             raise
@@ -345,11 +335,11 @@ class Forwarder:
             raise
         how = on_response_head(ctx, response)
         replay = how in (REPLAY_WITH_NEW_TOKEN, REPLAY_WITH_NONCE)
-        if replay and await _sent_whole(body_task, kept):
+        if replay and await sent_whole(body_task, kept):
             if body_task is not None:
                 body_task.cancel()
             self.pool.discard(upconn)
-            raise _SendAgain(how)
+            raise SendAgain(how)
         if how == SWITCHED_UNASKED:
             # What follows on this connection is not HTTP any more.
             if body_task is not None:
@@ -415,12 +405,12 @@ class Forwarder:
         self,
         upconn: UpstreamConnection,
         head: RequestHead,
-        source: RequestBody | _KeptBody | None,
-        kept: _KeptBody | None,
+        source: RequestBody | KeptBody | None,
+        kept: KeptBody | None,
     ) -> None:
         """Stream the request body upstream (from the client, or from `kept` on a replay)."""
         chunked = head.chunked
-        if isinstance(source, _KeptBody):
+        if isinstance(source, KeptBody):
             for piece in source.chunks:
                 upconn.write(chunk(piece) if chunked else piece)
         elif source is not None:
@@ -605,27 +595,6 @@ def _last_hop(ctx: RequestContext) -> bool:
     return False
 
 
-class _KeptBody:
-    """A copy of a request body while it is small enough to replay after a 401."""
-
-    __slots__ = ("chunks", "overflow", "size")
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.overflow = False
-
-    def add(self, data: bytes) -> None:
-        if self.overflow:
-            return
-        self.size += len(data)
-        if self.size > REPLAY_LIMIT:
-            self.overflow = True
-            self.chunks.clear()
-        else:
-            self.chunks.append(data)
-
-
 def _abandon_on_body_error(
     exchange: AwaitedExchange, upconn: UpstreamConnection, body_task: asyncio.Task[None]
 ) -> None:
@@ -645,19 +614,3 @@ def _abandon_on_body_error(
     if isinstance(error, ProxyError):
         upconn.abort()
         exchange.fail(error)
-
-
-async def _sent_whole(body_task: asyncio.Task[None] | None, kept: _KeptBody | None) -> bool:
-    """Whether the request body was sent whole and kept (or there is none), so that the
-    request can be replayed."""
-    if body_task is None:
-        return True
-    if kept is None:
-        return False
-    if not body_task.done():
-        # The 401 came before the body was sent; a small body still arrives quickly.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(body_task), timeout=REPLAY_BODY_WAIT)
-    if not body_task.done() or body_task.cancelled() or body_task.exception() is not None:
-        return False
-    return not kept.overflow

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from proxy.config import Address, LimitsConfig
-from proxy.datapath.client_connection import ClientConnection, RequestHandler
+from proxy.datapath.client_connection import ClientConnection, PriorKnowledge, RequestHandler
 from proxy.datapath.timeouts import CLIENT_SWEEP_INTERVAL, DRAIN_POLL_INTERVAL
 from proxy.errors import RequestTimeout
 from proxy.ops.metrics import Metrics
@@ -42,6 +42,8 @@ class Listener:
         self._metrics = metrics
         self.connections: set[ClientConnection] = set()
         self.draining = False
+        # Set (by `proxy.datapath.http2`) on an upstream's own port: h2c is served there.
+        self.prior_knowledge: PriorKnowledge | None = None
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._all_closed: asyncio.Event = asyncio.Event()

@@ -277,11 +277,14 @@ def read_response_head(raw: bytes, status: int, keep_alive: bool) -> ResponseHea
 # them (RFC 9110 §5.3).
 VIA_11: Final = b"Via: 1.1 token-proxy\r\n"
 VIA_10: Final = b"Via: 1.0 token-proxy\r\n"
+VIA_2: Final = b"Via: 2 token-proxy\r\n"
 
 
 def via_line(version: str) -> bytes:
-    """The Via field line for a message received as HTTP/`version`."""
-    return VIA_11 if version == "1.1" else VIA_10
+    """The Via field line for a message received as HTTP/`version` ("1.1", "1.0", "2")."""
+    if version == "1.1":
+        return VIA_11
+    return VIA_2 if version == "2" else VIA_10
 
 
 def request_head_bytes(
@@ -344,7 +347,7 @@ def frame_response(
         response.reason,
         response.fields,
         framing,
-        (VIA_11 if response.version == "1.1" else VIA_10) if via else b"",
+        via_line(response.version) if via else b"",
     )
     return head, not no_body, rechunk, keep_alive
 

@@ -3,7 +3,7 @@
 `Outcomes.record` counts a request's answer in the metrics when its head goes out;
 `Outcomes.finish` writes its access-log line once it has ended; `Outcomes.refuse`
 answers a `ProxyError` with the contract's JSON body (see `proxy.errors`) and records
-that. Both request paths end here.
+that (`Outcomes.refused`, which HTTP/2 streams use too). Both request paths end here.
 """
 
 from __future__ import annotations
@@ -70,14 +70,20 @@ class Outcomes:
         head = ctx.head
         body = ctx.body
         conn = ctx.conn
-        label = ctx.label
         keep_alive = head.keep_alive and (body is None or body.done) and not head.upgrade
         keep_alive = keep_alive and not conn.listener.draining and error.status not in (400, 413)
+        self.refused(ctx, error)
+        conn.send_error(error, keep_alive=keep_alive, head_only=head.method == "HEAD")
+        self.finish(ctx)
+        return keep_alive
+
+    def refused(self, ctx: RequestContext, error: ProxyError) -> None:
+        """Account for `error`, which the caller answers (in HTTP/1.1 `refuse`, in HTTP/2
+        its stream): the upstream it names, the metrics, and a log line for a 5xx."""
+        label = ctx.label
         if error.upstream is None and label != UNMATCHED:
             error.upstream = label
-        conn.send_error(error, keep_alive=keep_alive, head_only=head.method == "HEAD")
         self.record(ctx, error.status, None)
-        self.finish(ctx)
         if error.status >= 500:
             log.warning(
                 "request failed",
@@ -89,7 +95,6 @@ class Outcomes:
                     "detail": error.detail,
                 },
             )
-        return keep_alive
 
 
 def write_interim(conn: ClientConnection, via: bool, interim: ResponseHead) -> None:

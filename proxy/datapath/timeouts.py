@@ -32,3 +32,9 @@ UPSTREAM_IDLE_TIMEOUT: Final = 30.0
 # Idle keep-alive connections kept per origin (64 made a third of the requests
 # reconnect at 128 concurrent clients).
 MAX_IDLE_PER_ORIGIN: Final = 1024
+
+# HTTP/2 to upstreams: how long a TLS origin that did not select h2 in ALPN is taken to
+# speak HTTP/1.1 only before it is asked again, and how long closing the connections
+# waits for GOAWAY to go out before dropping them.
+HTTP2_ALPN_RECHECK: Final = 300.0
+UPSTREAM_CLOSE_WAIT: Final = 1.0

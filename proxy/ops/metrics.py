@@ -53,6 +53,9 @@ TOKEN_CACHE_ERROR_REASONS: Final = (
     "unreachable",
 )
 
+# The grpc_status label values of token_proxy_grpc_responses_total.
+GRPC_STATUS_LABELS: Final = (*(str(code) for code in range(17)), "other")
+
 UNMATCHED: Final = "unmatched"
 
 # prometheus-client adds a `*_created` timestamp series beside every counter and
@@ -113,6 +116,15 @@ class Metrics:
             "Requests sent again with a DPoP proof carrying the nonce the server asked for, "
             "by server (authorization: token requests; resource: the upstream).",
             ["upstream", "server"],
+            registry=r,
+        )
+        # Label values: the 17 gRPC status codes ("0".."16") and "other"; a series is
+        # created when its status is first seen (17 per upstream up front is too many).
+        self.grpc_responses = Counter(
+            "token_proxy_grpc_responses_total",
+            "gRPC calls answered over HTTP/2, by upstream and grpc-status (from the "
+            "upstream's trailers, or the proxy's own answer).",
+            ["upstream", "grpc_status"],
             registry=r,
         )
         self.tunnels = Counter(
@@ -230,6 +242,9 @@ class Metrics:
         for server in DPOP_NONCE_SERVERS:
             with contextlib.suppress(KeyError):
                 self.dpop_nonce_retries.remove(name, server)
+        for grpc_status in GRPC_STATUS_LABELS:
+            with contextlib.suppress(KeyError):
+                self.grpc_responses.remove(name, grpc_status)
         for result in TOKEN_CACHE_LOOKUP_RESULTS:
             with contextlib.suppress(KeyError):
                 self.token_cache_lookups.remove(name, result)

@@ -8,13 +8,18 @@ so a header can only be added inside that TLS. For a host an upstream matches,
    ClientHello arrive);
 2. completes the TLS handshake itself (`loop.start_tls`, server side, on asyncio and
    uvloop alike) with a leaf certificate for the CONNECT host, signed by a local CA
-   that the application trusts; ALPN offers only ``http/1.1``;
+   that the application trusts; ALPN offers ``h2`` and ``http/1.1`` when the proxy
+   serves HTTP/2 (an `Http2Front` is given) and the upstream may speak it (see
+   `Http2Front.upstream_speaks_h2`), else ``http/1.1`` only;
 3. serves the decrypted requests as a new `ClientConnection` whose handler is the
    forwarder's `tunnelled_handler("https", host, port)`: the same matching, token injection
-   and metrics as plain HTTP, and a fresh, verified TLS connection to the real upstream.
+   and metrics as plain HTTP, and a fresh, verified TLS connection to the real upstream;
+   or, when the client chose ``h2``, as an HTTP/2 server connection
+   (`proxy.datapath.http2.server`) that plans each stream with the same planner.
 
 The decrypted connection takes the plain one's place in its `Listener`, so it counts
-against `max_connections` and is timed out and drained like any other. A failed
+against `max_connections` and is timed out and drained like any other (an HTTP/2
+connection keeps the plain one in the listener as its handle instead). A failed
 handshake (typically: the client does not trust the CA) is logged and the connection
 closed; nothing reaches the upstream.
 
@@ -28,6 +33,7 @@ import logging
 
 from proxy.config import ConfigError, TlsInterceptConfig
 from proxy.datapath.client_connection import ClientConnection
+from proxy.datapath.http2.front import Http2Front
 from proxy.datapath.tunnel import TunnelledHandlers
 from proxy.tls.local_ca import (
     AuthorityError,
@@ -50,7 +56,7 @@ class _Handover(asyncio.Protocol):
     """
 
     def __init__(self) -> None:
-        self._target: ClientConnection | None = None
+        self._target: asyncio.Protocol | None = None
         self._data: list[bytes] = []
         self._eof = False
         self._lost = False
@@ -82,7 +88,7 @@ class _Handover(asyncio.Protocol):
         if self._target is not None:
             self._target.resume_writing()
 
-    def hand_over(self, conn: ClientConnection, transport: asyncio.Transport) -> None:
+    def hand_over(self, conn: asyncio.Protocol, transport: asyncio.Transport) -> None:
         """Make `conn` the protocol of `transport` and give it what arrived so far."""
         self._target = conn
         transport.set_protocol(conn)
@@ -113,20 +119,32 @@ class TlsInterceptor:
     Install it as `TunnelHandler.interceptor`; build it with `from_config()`.
     """
 
-    def __init__(self, leaves: LeafCertificates, handlers: TunnelledHandlers) -> None:
+    def __init__(
+        self,
+        leaves: LeafCertificates,
+        handlers: TunnelledHandlers,
+        http2: Http2Front | None = None,
+    ) -> None:
         self.leaves = leaves
         self._handlers = handlers
+        self._http2 = http2
 
     @classmethod
     def from_config(
-        cls, config: TlsInterceptConfig, handlers: TunnelledHandlers, *, source: str = "<config>"
+        cls,
+        config: TlsInterceptConfig,
+        handlers: TunnelledHandlers,
+        *,
+        source: str = "<config>",
+        http2: Http2Front | None = None,
     ) -> TlsInterceptor:
-        """Load or generate the CA (writing `write_ca_cert_to`); `ConfigError` if it cannot."""
+        """Load or generate the CA (writing `write_ca_cert_to`); `ConfigError` if it cannot.
+        With `http2`, clients may choose HTTP/2."""
         try:
             authority = load_authority(config)
         except AuthorityError as error:
             raise ConfigError(source, f"tls_intercept.{error.key}", error.problem) from None
-        return cls(LeafCertificates(authority), handlers)
+        return cls(LeafCertificates(authority), handlers, http2)
 
     @property
     def authority(self) -> CertificateAuthority:
@@ -138,10 +156,15 @@ class TlsInterceptor:
         transport = conn.transport
         if transport is None or conn.closed:
             return
-        context = self.leaves.context_for(host)
+        http2 = self._http2
+        offer_h2 = http2 is not None and await http2.upstream_speaks_h2(host, port)
+        if transport.is_closing():
+            return  # the client went away meanwhile
+        context = self.leaves.context_for(host, http2=offer_h2)
         handover = _Handover()
         loop = asyncio.get_running_loop()
         listener = conn.listener
+        tls_transport: asyncio.Transport | None = None
         try:
             tls_transport = await loop.start_tls(
                 transport,
@@ -152,21 +175,25 @@ class TlsInterceptor:
             )
         except Exception as exc:  # any failure ends this client's connection only
             _log_handshake_failure(conn, host, port, exc)
-            return
         finally:
+            ssl_object = tls_transport.get_extra_info("ssl_object") if tls_transport else None
+            speaks_h2 = ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2"
             # From start_tls on, the socket's events go to the TLS layer and the plain
             # connection gets none: end it here, so that the listener counts the
             # decrypted connection in its place (or nothing, if the handshake failed).
-            if not conn.closed:
+            # An HTTP/2 connection keeps it in the listener as its handle instead.
+            if not conn.closed and not (speaks_h2 and http2 is not None):
                 conn.connection_lost(None)
         if tls_transport is None:
             return
-        decrypted = ClientConnection(
-            listener, self._handlers.tunnelled_handler("https", host, port), listener.limits
-        )
-        handover.hand_over(decrypted, tls_transport)
+        if speaks_h2 and http2 is not None:
+            handover.hand_over(http2.serve_tunnelled(conn, host, port), tls_transport)
+        else:
+            decrypted = ClientConnection(
+                listener, self._handlers.tunnelled_handler("https", host, port), listener.limits
+            )
+            handover.hand_over(decrypted, tls_transport)
         if log.isEnabledFor(logging.DEBUG):
-            ssl_object = tls_transport.get_extra_info("ssl_object")
             log.debug(
                 "intercepting CONNECT",
                 extra={
@@ -175,6 +202,7 @@ class TlsInterceptor:
                     "port": port,
                     "client": conn.peer,
                     "tls": ssl_object.version() if ssl_object is not None else "-",
+                    "alpn": "h2" if speaks_h2 else "http/1.1",
                 },
             )
 

@@ -49,7 +49,10 @@ CLOCK_SKEW = datetime.timedelta(minutes=10)
 # only has to outlast any process; the application re-trusts it at every restart.
 GENERATED_CA_LIFETIME = datetime.timedelta(days=3650)
 LEAF_CACHE_SIZE = 256
+# What a leaf's context offers in ALPN: HTTP/1.1 only, or HTTP/2 first where the proxy
+# serves it to the client and the upstream speaks it (`proxy.datapath.http2`).
 ALPN_PROTOCOLS = ["http/1.1"]
+ALPN_WITH_HTTP2 = ["h2", "http/1.1"]
 
 CAPrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 Clock = Callable[[], datetime.datetime]
@@ -335,10 +338,17 @@ def _os_reason(exc: OSError) -> str:
 
 
 class _Leaf:
-    __slots__ = ("context", "renew_at")
+    """One host's leaf: its contexts (the HTTP/2 one made when first asked for)."""
 
-    def __init__(self, context: ssl.SSLContext, renew_at: datetime.datetime) -> None:
+    __slots__ = ("chain", "context", "host", "http2_context", "renew_at")
+
+    def __init__(
+        self, host: str, chain: bytes, context: ssl.SSLContext, renew_at: datetime.datetime
+    ) -> None:
+        self.host = host
+        self.chain = chain
         self.context = context
+        self.http2_context: ssl.SSLContext | None = None
         self.renew_at = renew_at
 
 
@@ -346,9 +356,10 @@ class LeafCertificates:
     """Server `SSLContext`s for intercepted hosts: one short-lived leaf per host, LRU-cached.
 
     A context presents the leaf for its host and the CA chain, offers ALPN ``http/1.1``
-    only, and refuses (alert ``unrecognized_name``) a client whose SNI names another host:
-    the CA signs only for the host the client asked the proxy to CONNECT to, and the
-    requests inside must name that host anyway.
+    (or ``h2`` and ``http/1.1``, asked for with `http2`), and refuses (alert
+    ``unrecognized_name``) a client whose SNI names another host: the CA signs only for
+    the host the client asked the proxy to CONNECT to, and the requests inside must name
+    that host anyway.
     """
 
     def __init__(
@@ -375,33 +386,42 @@ class LeafCertificates:
     def __len__(self) -> int:
         return len(self._cache)
 
-    def context_for(self, host: str) -> ssl.SSLContext:
-        """The server context for `host` (normalised: lower-case, IPv6 without brackets)."""
+    def context_for(self, host: str, *, http2: bool = False) -> ssl.SSLContext:
+        """The server context for `host` (normalised: lower-case, IPv6 without brackets);
+        with `http2`, the one that offers h2 as well."""
         now = self._clock()
         leaf = self._cache.get(host)
         if leaf is not None and now < leaf.renew_at:
             self._cache.move_to_end(host)
+        else:
+            leaf = self._build(host, now)
+            self._cache[host] = leaf
+            self._cache.move_to_end(host)
+            while len(self._cache) > self._max_hosts:
+                self._cache.popitem(last=False)
+        if not http2:
             return leaf.context
-        leaf = self._build(host, now)
-        self._cache[host] = leaf
-        self._cache.move_to_end(host)
-        while len(self._cache) > self._max_hosts:
-            self._cache.popitem(last=False)
-        return leaf.context
+        if leaf.http2_context is None:
+            leaf.http2_context = self._context(leaf.host, leaf.chain, ALPN_WITH_HTTP2)
+        return leaf.http2_context
 
     def _build(self, host: str, now: datetime.datetime) -> _Leaf:
         certificate = self.authority.issue_leaf(
             host, self._key.public_key(), now=now, lifetime=self._lifetime
         )
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.set_alpn_protocols(ALPN_PROTOCOLS)
         chain = certificate.public_bytes(serialization.Encoding.PEM) + self._chain_pem
-        load_cert_chain_from_memory(context, chain, self._key_pem)
-        context.sni_callback = _SniCheck(host)
+        context = self._context(host, chain, ALPN_PROTOCOLS)
         not_after = certificate.not_valid_after_utc
         renew_at = not_after - min(LEAF_RENEW_BEFORE, (not_after - now) / 2)
-        return _Leaf(context, renew_at)
+        return _Leaf(host, chain, context, renew_at)
+
+    def _context(self, host: str, chain: bytes, alpn: list[str]) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(alpn)
+        load_cert_chain_from_memory(context, chain, self._key_pem)
+        context.sni_callback = _SniCheck(host)
+        return context
 
 
 class _SniCheck:
