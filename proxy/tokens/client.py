@@ -26,17 +26,14 @@ import contextlib
 import email.utils
 import json
 import logging
-import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import quote_plus, urlencode
 
 import aiohttp
-import jwt
 from multidict import CIMultiDictProxy
 from yarl import URL
 
@@ -54,13 +51,10 @@ from proxy.tokens.assertion import JWT_BEARER_ASSERTION_TYPE, client_assertion
 from proxy.tokens.clock import wall_time
 from proxy.tokens.dpop import DpopSession, asks_for_nonce
 from proxy.tokens.grants import grant_for
-
-if TYPE_CHECKING:
-    from jwt.types import Options
+from proxy.tokens.lifetime import lifetime_and_clock_offset
 
 __all__ = [
     "CLOCK_TOLERANCE",
-    "MAX_LIFETIME",
     "MAX_RESPONSE_BYTES",
     "REQUEST_ERROR_CODES",
     "RFC6749_ERROR_CODES",
@@ -70,7 +64,6 @@ __all__ = [
     "parse_retry_after",
     "read_body",
     "sanitise",
-    "token_lifetime",
     "transport_errors",
 ]
 
@@ -78,8 +71,6 @@ log = logging.getLogger("token_proxy.tokens.client")
 
 # A token response is a few KiB at most; anything near this is broken or hostile.
 MAX_RESPONSE_BYTES = 1 << 20
-# Longer declared lifetimes are clamped: a day-old token is re-requested anyway.
-MAX_LIFETIME = 24 * 3600.0
 # The local wall clock and a token's `iat` may differ by this much (whole-second claims,
 # network time, ordinary drift) before the difference is reported, whatever the lifetime.
 CLOCK_TOLERANCE = 10.0
@@ -316,7 +307,7 @@ class TokenClient:
         self._note_bearer_for_dpop(token_type != "DPoP")
         issued_token_type = document.get("issued_token_type")
         scope = document.get("scope")
-        lifetime, source, clock_offset = _lifetime(
+        lifetime, source, clock_offset = lifetime_and_clock_offset(
             document.get("expires_in"),
             access_token,
             default_lifetime=self._config.default_lifetime,
@@ -434,127 +425,6 @@ def _oauth_error(body: bytes, sensitive: Iterable[str]) -> tuple[str | None, str
     code = sanitise(document["error"], sensitive, limit=64)
     description = document.get("error_description")
     return code, sanitise(description, sensitive) if isinstance(description, str) else None
-
-
-def token_lifetime(
-    expires_in: object,
-    access_token: str,
-    *,
-    default_lifetime: float,
-    upstream: str | None = None,
-    now: float | None = None,
-) -> tuple[float, str]:
-    """How long to use a token, in seconds from its fetch, and where that came from.
-
-    * ``expires_in`` (int, float or numeric string) when positive;
-    * but a JWT access token's ``exp - iat`` (read without verification) when shorter;
-    * missing or unreadable ``expires_in``: the JWT's ``exp - iat``; a JWT without
-      ``iat`` its ``exp`` against the wall clock `now`; else `default_lifetime`;
-    * zero or negative ``expires_in`` (a server bug, or "expires now"): as if missing,
-      but never longer than `default_lifetime`, so that such a token is replaced soon;
-    * at most `MAX_LIFETIME`. A JWT whose ``exp`` is not after its ``iat`` is refused.
-
-    The lifetime never depends on the local wall clock when the answer has
-    ``expires_in`` or the JWT has ``iat``: the caller counts it on the monotonic clock.
-    """
-    lifetime, source, _ = _lifetime(
-        expires_in,
-        access_token,
-        default_lifetime=default_lifetime,
-        upstream=upstream,
-        now=wall_time() if now is None else now,
-    )
-    return lifetime, source
-
-
-def _lifetime(
-    expires_in: object,
-    access_token: str,
-    *,
-    default_lifetime: float,
-    upstream: str | None,
-    now: float,
-) -> tuple[float, str, float | None]:
-    """`token_lifetime`, plus how far the wall clock `now` is from the token's issue time
-    (positive: ahead), when the token tells; None when it does not."""
-    extra = {"event": "token_response_warning", "upstream": upstream}
-    declared = _seconds(expires_in)
-    if expires_in is not None and declared is None:
-        log.warning("unreadable expires_in from the authorization server; ignoring it", extra=extra)
-    exp, iat = _jwt_times(access_token)
-    # The JWT's own lifetime, independent of any clock, when it says when it was issued.
-    span = None if exp is None or iat is None else exp - iat
-    # The issue time on the issuer's clock: `iat`, or `exp` less the declared lifetime.
-    issued = iat
-    if issued is None and exp is not None and declared is not None and 0 < declared <= MAX_LIFETIME:
-        issued = exp - declared
-    offset = None if issued is None else now - issued
-    if declared is not None and declared > 0:
-        lifetime, source = declared, "expires_in"
-        if span is not None and span < declared:
-            lifetime, source = span, "jwt_exp"
-    elif span is not None:
-        lifetime, source = span, "jwt_exp"
-    elif exp is not None and exp > now:
-        # A JWT without `iat` or `expires_in`: its `exp` on our clock is all there is.
-        lifetime, source = exp - now, "jwt_exp"
-    elif exp is not None:
-        # Expired by our clock, and nothing says whether the token or the clock is wrong:
-        # used for the default lifetime (the upstream's 401 replaces it if it is the
-        # token), rather than refused in a loop that a wrong clock never ends.
-        lifetime, source = default_lifetime, "default"
-        offset = now - exp
-    else:
-        lifetime, source = default_lifetime, "default"
-    if declared is not None and declared <= 0:
-        lifetime = min(lifetime, default_lifetime)
-        log.warning(
-            "token response has expires_in <= 0; using %.0f s instead", lifetime, extra=extra
-        )
-    if lifetime <= 0:
-        raise InvalidTokenResponse("access token is already expired: its JWT exp is not after iat")
-    return min(lifetime, MAX_LIFETIME), source, offset
-
-
-def _seconds(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        return None
-    try:
-        seconds = float(value.strip() if isinstance(value, str) else value)
-    except OverflowError:
-        seconds = math.inf
-    except ValueError:
-        return None
-    return None if math.isnan(seconds) else seconds
-
-
-# Read only: no claim is checked against the local clock (that is what goes wrong).
-_UNVERIFIED: Options = {
-    "verify_signature": False,
-    "verify_exp": False,
-    "verify_nbf": False,
-    "verify_iat": False,
-    "verify_aud": False,
-    "verify_iss": False,
-}
-
-
-def _jwt_times(token: str) -> tuple[float | None, float | None]:
-    """A JWT's `exp` and `iat` claims (None for each the token lacks or is no JWT)."""
-    if token.count(".") != 2:
-        return None, None
-    try:
-        claims = jwt.decode(token, options=_UNVERIFIED)
-    except (jwt.PyJWTError, ValueError):
-        return None, None
-    return _numeric_date(claims.get("exp")), _numeric_date(claims.get("iat"))
-
-
-def _numeric_date(value: object) -> float | None:
-    """RFC 7519 §2 NumericDate, or None."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -32,7 +32,8 @@ from proxy.errors import (
 from proxy.tls.client_context import client_ssl_context
 from proxy.tokens import TokenClient, TokenResponse, discover_token_endpoint
 from proxy.tokens.assertion import JWT_BEARER_ASSERTION_TYPE, sign_client_assertion
-from proxy.tokens.client import MAX_LIFETIME, parse_retry_after, token_lifetime
+from proxy.tokens.client import parse_retry_after
+from proxy.tokens.lifetime import MAX_LIFETIME, token_lifetime
 from tests.support.token_server import OMIT, Failure, TokenServer
 
 CLIENT_ID = "order-service"
