@@ -50,7 +50,8 @@ from proxy.config import (
 from proxy.ops.metrics import Metrics
 from proxy.tokens import TokenProvider
 from proxy.tokens.cache_crypto import CacheKeys
-from proxy.tokens.shared_cache import CacheBackend, SharedSlot
+from proxy.tokens.redis_backend import CacheBackend
+from proxy.tokens.shared_cache import SharedSlot
 
 SECRET = "bench-cache-path-secret"
 SHORT, LONG = 1_000, 3_000

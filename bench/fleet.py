@@ -44,7 +44,8 @@ from proxy.ops.metrics import Metrics
 from proxy.tokens import TokenProvider
 from proxy.tokens import provider as provider_module
 from proxy.tokens.cache_crypto import CacheKeys
-from proxy.tokens.shared_cache import CacheBackend, SharedSlot
+from proxy.tokens.redis_backend import CacheBackend
+from proxy.tokens.shared_cache import SharedSlot
 
 SECRET = "bench-fleet-secret-value"
 READY_WITHIN = 60.0

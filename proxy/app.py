@@ -22,6 +22,7 @@ import os
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from proxy.config import ConfigError, ProxyConfig, TokenConfig, UpstreamConfig, load_config
 from proxy.datapath.forward import Forwarder
@@ -40,7 +41,10 @@ from proxy.tls.intercept import TlsInterceptor
 from proxy.tokens import TokenProvider
 from proxy.tokens.cache_crypto import CacheKeys
 from proxy.tokens.endpoint import SessionPool
-from proxy.tokens.shared_cache import CacheBackend, SharedSlot
+from proxy.tokens.shared_cache import SharedSlot
+
+if TYPE_CHECKING:
+    from proxy.tokens.redis_backend import CacheBackend
 
 log = logging.getLogger("token_proxy.app")
 
@@ -192,6 +196,9 @@ class ProxyApp:
             raise ConfigError(
                 self.config.source, "token_cache.encryption_key_file", str(detail)
             ) from None
+        # Here, not at the top: redis-py is loaded only by a proxy that uses it.
+        from proxy.tokens.redis_backend import CacheBackend
+
         self.token_cache = CacheBackend(cache, self.metrics)
         self.token_cache.start()
 

@@ -21,7 +21,8 @@ from proxy.config import RedisConfig, Secret, TokenCacheConfig, TokenConfig
 from proxy.ops.metrics import Metrics
 from proxy.tokens import TokenProvider
 from proxy.tokens.cache_crypto import CacheKeys
-from proxy.tokens.shared_cache import CacheBackend, SharedSlot
+from proxy.tokens.redis_backend import CacheBackend
+from proxy.tokens.shared_cache import SharedSlot
 
 UPSTREAM = "inventory"
 CLIENT_ID = "order-service"

@@ -22,7 +22,7 @@ import pytest
 from proxy.config import Secret, TokenCacheConfig, TokenConfig
 from proxy.ops.metrics import Metrics
 from proxy.tokens import provider as provider_module
-from proxy.tokens import shared_cache
+from proxy.tokens import redis_backend
 from proxy.tokens.cache_crypto import CacheKeys, credential_identity
 from tests.support.redis_server import ErrorServer, RedisServer, SilentServer
 from tests.support.token_server import TokenServer
@@ -598,8 +598,8 @@ async def test_the_cache_state_is_logged_once_per_change(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     caplog.set_level(logging.INFO, logger="token_proxy.tokens.cache")
-    monkeypatch.setattr(shared_cache, "RETRY_INITIAL", 0.02)
-    monkeypatch.setattr(shared_cache, "RETRY_MAX", 0.05)
+    monkeypatch.setattr(redis_backend, "RETRY_INITIAL", 0.02)
+    monkeypatch.setattr(redis_backend, "RETRY_MAX", 0.05)
     member = replica()
     slot, backend = member.slot, member.backend
     assert slot is not None
@@ -631,7 +631,7 @@ async def test_redis_stopped_and_restarted_while_tokens_refresh(
     monkeypatch: pytest.MonkeyPatch,
     short_lifetimes: None,
 ) -> None:
-    monkeypatch.setattr(shared_cache, "RETRY_MAX", 0.5)
+    monkeypatch.setattr(redis_backend, "RETRY_MAX", 0.5)
     server.expires_in = 2
     fleet = [replica() for _ in range(3)]
     for member in fleet:
@@ -687,11 +687,11 @@ def test_value_format_round_trips_and_binds_the_name(key_file: Path) -> None:
 async def test_the_cache_state_stays_current_between_refreshes(
     redis_server: RedisServer, cache: TokenCacheConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shared_cache, "RETRY_INITIAL", 0.05)
-    monkeypatch.setattr(shared_cache, "RETRY_MAX", 0.1)
-    monkeypatch.setattr(shared_cache, "HEALTH_INTERVAL", 0.1)
+    monkeypatch.setattr(redis_backend, "RETRY_INITIAL", 0.05)
+    monkeypatch.setattr(redis_backend, "RETRY_MAX", 0.1)
+    monkeypatch.setattr(redis_backend, "HEALTH_INTERVAL", 0.1)
     metrics = Metrics()
-    backend = shared_cache.CacheBackend(cache, metrics)
+    backend = redis_backend.CacheBackend(cache, metrics)
     backend.start()
     try:
         await until(lambda: backend.state == "up")

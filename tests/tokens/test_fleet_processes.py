@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.app import ProxyApp
 from proxy.config import ProxyConfig
 from proxy.tokens import provider as provider_module
-from proxy.tokens import shared_cache
+from proxy.tokens import redis_backend
 from tests.support.configs import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -170,7 +170,7 @@ async def test_redis_killed_and_restarted_under_load_fails_no_request(
 ) -> None:
     # Tokens of two seconds (below the real floor), renewed all through the outage.
     monkeypatch.setattr(provider_module, "MIN_LIFETIME", 0.5)
-    monkeypatch.setattr(shared_cache, "RETRY_MAX", 0.5)
+    monkeypatch.setattr(redis_backend, "RETRY_MAX", 0.5)
     token_server.expires_in = 2
     config = fleet_config(token_server, upstream, redis_server.url, key_file)
     proxies = [await start_proxy(config) for _ in range(2)]
