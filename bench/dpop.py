@@ -46,14 +46,11 @@ import importlib.metadata
 import json
 import math
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import timeit
-import types
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -70,7 +67,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from bench import measure, nginx
 from bench.measure import LoadSample
 from bench.prerequisites import ensure_commands
-from bench.processes import ProcessGroup, free_port
+from bench.processes import ProcessGroup, bounded_run, free_port, progress, stop_on_signals
 from bench.report import median, paired_ratio
 from bench.stack import REPO_ROOT, Cores, Target
 from bench.suite import background_busy_percent, machine_info
@@ -564,7 +561,7 @@ def run(args: argparse.Namespace) -> int:
     workdir.chmod(0o755)
     group = ProcessGroup(workdir)
     cores = Cores.for_machine()
-    try:
+    with bounded_run("bench.dpop", group, workdir) as outcome:
         background = background_busy_percent()
         _progress("timing proofs in process")
         with pinned(cores.under_test):
@@ -624,15 +621,7 @@ def run(args: argparse.Namespace) -> int:
             args.json.write_text(json.dumps(payload, indent=2))
             _progress(f"results written to {args.json}")
         return 0
-    except KeyboardInterrupt:
-        _progress("interrupted; stopping everything")
-        return 130
-    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as error:
-        _progress(f"failed: {error}")
-        return 1
-    finally:
-        group.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
+    return outcome.code
 
 
 def openssl_version() -> str:
@@ -642,11 +631,7 @@ def openssl_version() -> str:
 
 
 def _progress(message: str) -> None:
-    print(f"bench.dpop: {message}", file=sys.stderr, flush=True)
-
-
-def _raise_interrupt(signum: int, frame: types.FrameType | None) -> None:
-    raise KeyboardInterrupt
+    progress("bench.dpop", message)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -668,8 +653,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _raise_interrupt)
+    stop_on_signals()
     ensure_commands()
     return run(args)
 

@@ -29,15 +29,12 @@ import argparse
 import asyncio
 import json
 import secrets
-import shutil
-import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-import types
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,7 +43,7 @@ import yaml
 
 from bench import nginx
 from bench.prerequisites import ensure_commands
-from bench.processes import ProcessGroup, free_port
+from bench.processes import ProcessGroup, bounded_run, free_port, progress, stop_on_signals
 from bench.procfs import cpu_seconds, descendants
 from bench.report import median, paired_ratio
 from bench.stack import REPO_ROOT, Cores
@@ -377,7 +374,7 @@ def run(args: argparse.Namespace) -> int:
     workdir.chmod(0o755)
     group = ProcessGroup(workdir)
     cores = Cores.for_machine()
-    try:
+    with bounded_run("bench.grpc_unary", group, workdir) as outcome:
         background = background_busy_percent()
         bench = GrpcBench(group, workdir, cores)
         _progress(f"starting servers in {workdir}")
@@ -426,15 +423,7 @@ def run(args: argparse.Namespace) -> int:
             _progress(f"failed: token-proxy was not measured: {refusal}")
             return 1
         return 0
-    except KeyboardInterrupt:
-        _progress("interrupted; stopping everything")
-        return 130
-    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as error:
-        _progress(f"failed: {error}")
-        return 1
-    finally:
-        group.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
+    return outcome.code
 
 
 def _pinning(cores: Cores) -> str:
@@ -447,11 +436,7 @@ def _pinning(cores: Cores) -> str:
 
 
 def _progress(message: str) -> None:
-    print(f"bench.grpc_unary: {message}", file=sys.stderr, flush=True)
-
-
-def _raise_interrupt(signum: int, frame: types.FrameType | None) -> None:
-    raise KeyboardInterrupt
+    progress("bench.grpc_unary", message)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -490,8 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         result = load(args.load, args.concurrency, args.duration, args.max_calls)
         print(RESULT_MARK + json.dumps(asdict(result)), flush=True)
         return 0
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _raise_interrupt)
+    stop_on_signals()
     ensure_commands({"nginx": "nginx-light", "taskset": "util-linux"})
     return run(args)
 

@@ -34,21 +34,18 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import types
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
-from bench.processes import ProcessGroup, free_port
+from bench.processes import ProcessGroup, bounded_run, free_port, progress, stop_on_signals
 from bench.procfs import cpu_seconds, rss_bytes
 from bench.stack import REPO_ROOT, Cores
 
@@ -415,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="token-proxy-h2-transfer-"))
     group = ProcessGroup(workdir)
     cores = Cores.for_machine()
-    try:
+    with bounded_run("bench.h2_transfer", group, workdir) as outcome:
         bench = H2TransferBench(group, workdir, cores)
         _progress(f"starting servers in {workdir}")
         bench.start()
@@ -442,15 +439,7 @@ def run(args: argparse.Namespace) -> int:
             }
             args.json.write_text(json.dumps(payload, indent=2))
         return 0
-    except KeyboardInterrupt:
-        _progress("interrupted; stopping everything")
-        return 130
-    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as error:
-        _progress(f"failed: {error}")
-        return 1
-    finally:
-        group.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
+    return outcome.code
 
 
 def _pinning(cores: Cores) -> str:
@@ -463,11 +452,7 @@ def _pinning(cores: Cores) -> str:
 
 
 def _progress(message: str) -> None:
-    print(f"bench.h2_transfer: {message}", file=sys.stderr, flush=True)
-
-
-def _raise_interrupt(signum: int, frame: types.FrameType | None) -> None:
-    raise KeyboardInterrupt
+    progress("bench.h2_transfer", message)
 
 
 def _size(text: str) -> int:
@@ -517,8 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         result = client(args)
         print(RESULT_MARK + json.dumps(asdict(result)), flush=True)
         return 0
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _raise_interrupt)
+    stop_on_signals()
     return run(args)
 
 

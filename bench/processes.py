@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+import types
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 STOP_TIMEOUT = 5.0
@@ -125,3 +129,45 @@ class ProcessGroup:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name}: {url} not 200 in {timeout}s:\n{self.log_tail(name)}")
             time.sleep(0.05)
+
+
+def progress(name: str, message: str) -> None:
+    """A progress line of benchmark `name` on stderr (the report goes to stdout)."""
+    print(f"{name}: {message}", file=sys.stderr, flush=True)
+
+
+def _raise_interrupt(signum: int, frame: types.FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """Make SIGINT and SIGTERM raise KeyboardInterrupt, so that `bounded_run` stops
+    every process of the run before it exits."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_interrupt)
+
+
+@dataclass
+class RunOutcome:
+    """The exit code of a run: 0 unless `bounded_run` caught something."""
+
+    code: int = 0
+
+
+@contextlib.contextmanager
+def bounded_run(name: str, group: ProcessGroup, workdir: Path) -> Iterator[RunOutcome]:
+    """A benchmark run's body: an interruption (exit code 130) or a failed process,
+    timeout or OS call (1) is said on stderr instead of a traceback, and afterwards,
+    whatever happened, every process of `group` is stopped and `workdir` removed."""
+    outcome = RunOutcome()
+    try:
+        yield outcome
+    except KeyboardInterrupt:
+        progress(name, "interrupted; stopping everything")
+        outcome.code = 130
+    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as error:
+        progress(name, f"failed: {error}")
+        outcome.code = 1
+    finally:
+        group.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -25,13 +25,10 @@ import json
 import os
 import platform
 import resource
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import types
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench import measure
 from bench.measure import LoadSample
 from bench.prerequisites import ensure_commands, ensure_matplotlib
-from bench.processes import ProcessGroup
+from bench.processes import ProcessGroup, bounded_run, progress, stop_on_signals
 from bench.procfs import CoreTimes, rss_bytes
 from bench.report import Results, TokenEconomy, format_report, plot, to_json
 from bench.stack import REPO_ROOT, Cores, Stack, Target
@@ -147,10 +144,6 @@ def background_busy_percent(seconds: float = 1.0) -> float:
     return round(sum(shares.values()) / max(1, len(shares)))
 
 
-def _raise_interrupt(signum: int, frame: types.FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def _raise_file_limit() -> None:
     # 1,000 idle connections need that many descriptors in the holder and the proxy.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -160,7 +153,7 @@ def _raise_file_limit() -> None:
 
 
 def _progress(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
+    progress("bench", message)
 
 
 class Run:
@@ -292,7 +285,7 @@ def run(args: argparse.Namespace, draw: Callable[[Results], None] | None) -> int
     workdir.chmod(0o755)
     group = ProcessGroup(workdir)
     cores = Cores.for_machine()
-    try:
+    with bounded_run("bench", group, workdir) as outcome:
         big_file = workdir / "big.bin"
         with big_file.open("wb") as handle:
             handle.truncate(args.big_size)  # sparse: reads as zeros, costs no disk
@@ -325,21 +318,12 @@ def run(args: argparse.Namespace, draw: Callable[[Results], None] | None) -> int
         if draw is not None:
             draw(results)
         return 0
-    except KeyboardInterrupt:
-        _progress("interrupted; stopping everything")
-        return 130
-    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as error:
-        _progress(f"failed: {error}")
-        return 1
-    finally:
-        group.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
+    return outcome.code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _raise_interrupt)
+    stop_on_signals()
     _raise_file_limit()
     ensure_commands()
     draw: Callable[[Results], None] | None = None
