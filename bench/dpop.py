@@ -59,7 +59,6 @@ from functools import partial
 from pathlib import Path
 from typing import cast
 
-import yaml
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
@@ -69,7 +68,13 @@ from bench.measure import LoadSample
 from bench.prerequisites import ensure_commands
 from bench.processes import ProcessGroup, bounded_run, free_port, progress, stop_on_signals
 from bench.report import median, paired_ratio
-from bench.stack import REPO_ROOT, Cores, Target
+from bench.stack import (
+    Cores,
+    Target,
+    bench_upstream,
+    start_token_endpoint,
+    start_token_proxy,
+)
 from bench.suite import background_busy_percent, machine_info
 from bench.wrk import Request
 from proxy.config import DpopAlgorithm, DpopConfig
@@ -139,7 +144,6 @@ class DpopStack:
         self.proxy: subprocess.Popen[bytes] | None = None
 
     def start(self) -> list[Target]:
-        python = sys.executable
         big_file = self.workdir / "big.bin"  # the origin's /big, unused here
         big_file.write_bytes(b"")
         big_file.chmod(0o644)
@@ -149,26 +153,17 @@ class DpopStack:
             "origin", nginx.nginx_command(origin_file, self.workdir), cpus=self.cores.origin
         )
         self.group.wait_for_port("origin", origin, self.origin_port)
-        secret = os.urandom(16).hex()
-        endpoint = self.group.start(
-            "token-endpoint",
-            [python, "-m", "bench.token_endpoint", str(self.token_port), str(TOKEN_LIFETIME)],
-            cpus=self.cores.origin,
-            env={"BENCH_CLIENT_SECRET": secret},
-            cwd=REPO_ROOT,
-        )
-        self.group.wait_for_port("token-endpoint", endpoint, self.token_port)
-        config_file = self.workdir / "token-proxy.yaml"
-        config_file.write_text(yaml.safe_dump(self.proxy_config()))
-        proxy = self.group.start(
-            "token-proxy",
-            [python, "-m", "proxy", "run", "--config", str(config_file)],
+        cores = self.cores
+        secret = start_token_endpoint(self.group, self.token_port, TOKEN_LIFETIME, cores.origin)
+        proxy = start_token_proxy(
+            self.group,
+            self.workdir,
+            self.proxy_config(),
+            secret=secret,
+            admin_port=self.admin_port,
             cpus=self.cores.under_test,
-            env={"BENCH_CLIENT_SECRET": secret, "PYTHONUNBUFFERED": "1"},
-            cwd=REPO_ROOT,
         )
         self.proxy = proxy
-        self.group.wait_for_ok("token-proxy", proxy, f"http://127.0.0.1:{self.admin_port}/readyz")
         self.check_token_types()
         return [
             Target(
@@ -185,21 +180,12 @@ class DpopStack:
 
     def proxy_config(self) -> dict[str, object]:
         upstreams: dict[str, object] = {}
+        origin = f"http://127.0.0.1:{self.origin_port}"
         for name, alg in UPSTREAMS:
-            token: dict[str, object] = {
-                "token_url": f"http://127.0.0.1:{self.token_port}/oauth/token",
-                "client_id": name,
-                # Expanded by token-proxy from its environment: not written to disk.
-                "client_secret": "${BENCH_CLIENT_SECRET}",
-            }
-            if alg is not None:
-                token["dpop"] = {"alg": alg}
-            upstreams[name] = {
-                "match": {"hosts": [host(name)]},
-                "url": f"http://127.0.0.1:{self.origin_port}",
-                "listen": f"127.0.0.1:{self.ports[name]}",
-                "token": token,
-            }
+            dpop = {} if alg is None else {"dpop": {"alg": alg}}
+            upstreams[name] = bench_upstream(
+                name, host(name), origin, self.token_port, self.ports[name], **dpop
+            )
         return {
             "listen": f"127.0.0.1:{self.proxy_port}",
             "admin_listen": f"127.0.0.1:{self.admin_port}",

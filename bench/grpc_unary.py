@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import secrets
 import socket
 import struct
 import subprocess
@@ -39,14 +38,18 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import yaml
-
 from bench import nginx
 from bench.prerequisites import ensure_commands
 from bench.processes import ProcessGroup, bounded_run, free_port, progress, stop_on_signals
 from bench.procfs import cpu_seconds, descendants
 from bench.report import median, paired_ratio
-from bench.stack import REPO_ROOT, Cores
+from bench.stack import (
+    REPO_ROOT,
+    Cores,
+    bench_upstream,
+    start_token_endpoint,
+    start_token_proxy,
+)
 from bench.suite import background_busy_percent
 
 SERVICE = "bench.Echo"
@@ -235,15 +238,8 @@ class GrpcBench:
         )
         self.group.wait_for_port("grpc-upstream", upstream, self.upstream_port)
         self.upstream_pids = [upstream.pid]
-        secret = secrets.token_urlsafe(16)
-        endpoint = self.group.start(
-            "token-endpoint",
-            [python, "-m", "bench.token_endpoint", str(self.token_port), str(TOKEN_LIFETIME)],
-            cpus=self.cores.origin,
-            env={"BENCH_CLIENT_SECRET": secret},
-            cwd=REPO_ROOT,
-        )
-        self.group.wait_for_port("token-endpoint", endpoint, self.token_port)
+        cores = self.cores
+        secret = start_token_endpoint(self.group, self.token_port, TOKEN_LIFETIME, cores.origin)
         config_file = self.workdir / "grpc-baseline.conf"
         config_file.write_text(
             nginx.grpc_baseline_config(self.workdir, self.nginx_port, self.upstream_port)
@@ -254,16 +250,14 @@ class GrpcBench:
             cpus=self.cores.under_test,
         )
         self.group.wait_for_port("grpc-baseline", baseline, self.nginx_port)
-        proxy_config = self.workdir / "token-proxy.yaml"
-        proxy_config.write_text(yaml.safe_dump(self.proxy_config()))
-        proxy = self.group.start(
-            "token-proxy",
-            [python, "-m", "proxy", "run", "--config", str(proxy_config)],
+        proxy = start_token_proxy(
+            self.group,
+            self.workdir,
+            self.proxy_config(),
+            secret=secret,
+            admin_port=self.admin_port,
             cpus=self.cores.under_test,
-            env={"BENCH_CLIENT_SECRET": secret, "PYTHONUNBUFFERED": "1"},
-            cwd=REPO_ROOT,
         )
-        self.group.wait_for_ok("token-proxy", proxy, f"http://127.0.0.1:{self.admin_port}/readyz")
         return (
             Target("nginx", self.nginx_port, descendants(baseline.pid)),
             Target("token-proxy", self.reverse_port, [proxy.pid]),
@@ -275,17 +269,13 @@ class GrpcBench:
             "admin_listen": f"127.0.0.1:{self.admin_port}",
             "log_level": "warning",
             "upstreams": {
-                "grpc-bench": {
-                    "match": {"hosts": ["grpc.bench"]},
-                    "url": f"http://127.0.0.1:{self.upstream_port}",
-                    "listen": f"127.0.0.1:{self.reverse_port}",
-                    "token": {
-                        "token_url": f"http://127.0.0.1:{self.token_port}/oauth/token",
-                        "client_id": "grpc-bench",
-                        # Expanded by token-proxy from its environment: not written to disk.
-                        "client_secret": "${BENCH_CLIENT_SECRET}",
-                    },
-                }
+                "grpc-bench": bench_upstream(
+                    "grpc-bench",
+                    "grpc.bench",
+                    f"http://127.0.0.1:{self.upstream_port}",
+                    self.token_port,
+                    self.reverse_port,
+                )
             },
         }
 

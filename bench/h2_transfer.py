@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -43,11 +42,15 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import yaml
-
 from bench.processes import ProcessGroup, bounded_run, free_port, progress, stop_on_signals
 from bench.procfs import cpu_seconds, rss_bytes
-from bench.stack import REPO_ROOT, Cores
+from bench.stack import (
+    REPO_ROOT,
+    Cores,
+    bench_upstream,
+    start_token_endpoint,
+    start_token_proxy,
+)
 
 SERVICE = "bench.Transfer"
 TOKEN_LIFETIME = 600
@@ -269,25 +272,16 @@ class H2TransferBench:
             cwd=REPO_ROOT,
         )
         self.group.wait_for_port("grpc-upstream", upstream, self.upstream_port)
-        secret = secrets.token_urlsafe(16)
-        endpoint = self.group.start(
-            "token-endpoint",
-            [python, "-m", "bench.token_endpoint", str(self.token_port), str(TOKEN_LIFETIME)],
-            cpus=self.cores.origin,
-            env={"BENCH_CLIENT_SECRET": secret},
-            cwd=REPO_ROOT,
-        )
-        self.group.wait_for_port("token-endpoint", endpoint, self.token_port)
-        config = self.workdir / "token-proxy.yaml"
-        config.write_text(yaml.safe_dump(self.proxy_config()))
-        proxy = self.group.start(
-            "token-proxy",
-            [python, "-m", "proxy", "run", "--config", str(config)],
+        cores = self.cores
+        secret = start_token_endpoint(self.group, self.token_port, TOKEN_LIFETIME, cores.origin)
+        proxy = start_token_proxy(
+            self.group,
+            self.workdir,
+            self.proxy_config(),
+            secret=secret,
+            admin_port=self.admin_port,
             cpus=self.cores.under_test,
-            env={"BENCH_CLIENT_SECRET": secret, "PYTHONUNBUFFERED": "1"},
-            cwd=REPO_ROOT,
         )
-        self.group.wait_for_ok("token-proxy", proxy, f"http://127.0.0.1:{self.admin_port}/readyz")
         self.proxy_pid = proxy.pid
 
     def proxy_config(self) -> dict[str, object]:
@@ -296,17 +290,13 @@ class H2TransferBench:
             "admin_listen": f"127.0.0.1:{self.admin_port}",
             "log_level": "warning",
             "upstreams": {
-                "grpc-transfer": {
-                    "match": {"hosts": ["grpc.transfer"]},
-                    "url": f"http://127.0.0.1:{self.upstream_port}",
-                    "listen": f"127.0.0.1:{self.reverse_port}",
-                    "token": {
-                        "token_url": f"http://127.0.0.1:{self.token_port}/oauth/token",
-                        "client_id": "grpc-transfer",
-                        # Expanded by token-proxy from its environment: not written to disk.
-                        "client_secret": "${BENCH_CLIENT_SECRET}",
-                    },
-                }
+                "grpc-transfer": bench_upstream(
+                    "grpc-transfer",
+                    "grpc.transfer",
+                    f"http://127.0.0.1:{self.upstream_port}",
+                    self.token_port,
+                    self.reverse_port,
+                )
             },
         }
 

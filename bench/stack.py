@@ -126,15 +126,9 @@ class Stack:
             self.cores.origin,
         )
         self.group.wait_for_port("origin", origin, self.origin_port)
-        secret = secrets.token_urlsafe(16)
-        token_endpoint = self.group.start(
-            "token-endpoint",
-            [python, "-m", "bench.token_endpoint", str(self.token_port), str(self.token_lifetime)],
-            cpus=self.cores.origin,
-            env={"BENCH_CLIENT_SECRET": secret},
-            cwd=REPO_ROOT,
+        secret = start_token_endpoint(
+            self.group, self.token_port, self.token_lifetime, self.cores.origin
         )
-        self.group.wait_for_port("token-endpoint", token_endpoint, self.token_port)
         self.baseline = self._start_nginx(
             "baseline",
             nginx.baseline_config(
@@ -150,17 +144,13 @@ class Stack:
             cwd=REPO_ROOT,
         )
         self.group.wait_for_port("bare-proxy", self.bare_proxy, self.bare_port)
-        config_file = self.workdir / "token-proxy.yaml"
-        config_file.write_text(yaml.safe_dump(self.proxy_config()))
-        self.proxy = self.group.start(
-            "token-proxy",
-            [python, "-m", "proxy", "run", "--config", str(config_file)],
+        self.proxy = start_token_proxy(
+            self.group,
+            self.workdir,
+            self.proxy_config(),
+            secret=secret,
+            admin_port=self.proxy_admin_port,
             cpus=self.cores.under_test,
-            env={"BENCH_CLIENT_SECRET": secret, "PYTHONUNBUFFERED": "1"},
-            cwd=REPO_ROOT,
-        )
-        self.group.wait_for_ok(
-            "token-proxy", self.proxy, f"http://127.0.0.1:{self.proxy_admin_port}/readyz"
         )
 
     def _start_nginx(self, name: str, config: str, cpus: str | None) -> subprocess.Popen[bytes]:
@@ -173,20 +163,10 @@ class Stack:
         sink = f"http://127.0.0.1:{self.sink_port}"
 
         def upstream(name: str, host: str, url: str, listen: int | None) -> dict[str, object]:
-            config: dict[str, object] = {
-                "match": {"hosts": [host]},
-                "url": url,
-                "token": {
-                    "token_url": f"http://127.0.0.1:{self.token_port}/oauth/token",
-                    "client_id": name,
-                    # Expanded by token-proxy from its environment: not written to disk.
-                    "client_secret": "${BENCH_CLIENT_SECRET}",
-                    "refresh_before_expiry": f"{self.refresh_before_expiry}s",
-                },
-            }
-            if listen is not None:
-                config["listen"] = f"127.0.0.1:{listen}"
-            return config
+            refresh = f"{self.refresh_before_expiry}s"
+            return bench_upstream(
+                name, host, url, self.token_port, listen, refresh_before_expiry=refresh
+            )
 
         return {
             "listen": f"127.0.0.1:{self.proxy_port}",
@@ -264,3 +244,63 @@ class Stack:
 
     def token_counts_url(self) -> str:
         return f"http://127.0.0.1:{self.token_port}/counts"
+
+
+def start_token_endpoint(group: ProcessGroup, port: int, lifetime: int, cpus: str | None) -> str:
+    """`bench.token_endpoint` on `port`, issuing tokens of `lifetime` seconds; returns
+    the client secret it accepts (for `start_token_proxy`, never written to disk)."""
+    secret = secrets.token_urlsafe(16)
+    endpoint = group.start(
+        "token-endpoint",
+        [sys.executable, "-m", "bench.token_endpoint", str(port), str(lifetime)],
+        cpus=cpus,
+        env={"BENCH_CLIENT_SECRET": secret},
+        cwd=REPO_ROOT,
+    )
+    group.wait_for_port("token-endpoint", endpoint, port)
+    return secret
+
+
+def start_token_proxy(
+    group: ProcessGroup,
+    workdir: Path,
+    config: dict[str, object],
+    *,
+    secret: str,
+    admin_port: int,
+    cpus: str | None,
+) -> subprocess.Popen[bytes]:
+    """`python -m proxy run` with `config` (its upstreams' `client_secret` expanded from
+    `secret` in the environment), once `/readyz` on `admin_port` answers 200."""
+    config_file = workdir / "token-proxy.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    proxy = group.start(
+        "token-proxy",
+        [sys.executable, "-m", "proxy", "run", "--config", str(config_file)],
+        cpus=cpus,
+        env={"BENCH_CLIENT_SECRET": secret, "PYTHONUNBUFFERED": "1"},
+        cwd=REPO_ROOT,
+    )
+    group.wait_for_ok("token-proxy", proxy, f"http://127.0.0.1:{admin_port}/readyz")
+    return proxy
+
+
+def bench_upstream(
+    name: str, host: str, url: str, token_port: int, listen: int | None = None, **token: object
+) -> dict[str, object]:
+    """One upstream of a benchmark's token-proxy: `host` sent to `url`, its own client
+    id, the secret from the environment (`start_token_proxy`), and `token`'s keys."""
+    config: dict[str, object] = {
+        "match": {"hosts": [host]},
+        "url": url,
+        "token": {
+            "token_url": f"http://127.0.0.1:{token_port}/oauth/token",
+            "client_id": name,
+            # Expanded by token-proxy from its environment: not written to disk.
+            "client_secret": "${BENCH_CLIENT_SECRET}",
+            **token,
+        },
+    }
+    if listen is not None:
+        config["listen"] = f"127.0.0.1:{listen}"
+    return config
