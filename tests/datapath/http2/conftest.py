@@ -23,19 +23,6 @@ from tests.support.token_server import TokenServer
 CALL_TIMEOUT = 20.0
 
 
-@pytest.fixture(scope="module")
-def server_ca() -> trustme.CA:
-    """Signs the upstream's certificate."""
-    return trustme.CA()
-
-
-@pytest.fixture
-def server_ca_file(server_ca: trustme.CA, tmp_path: Path) -> Path:
-    path = tmp_path / "server-ca.pem"
-    server_ca.cert_pem.write_to_path(str(path))
-    return path
-
-
 def _validator(token_server: TokenServer) -> Callable[[str | None], bool]:
     def validate(authorization: str | None) -> bool:
         if authorization is None or not authorization.startswith("Bearer "):
