@@ -113,6 +113,7 @@ class ReceivedTokenRequest:
     headers: dict[str, str]
     outcome: str = "pending"  # "issued", "error:<code>" or "failure:<name>"
     body: bytes = b""  # exactly as received
+    received_at: float = field(default_factory=time.monotonic)  # its body read
 
     def param(self, name: str) -> str | None:
         """The single value of form parameter `name`, or None."""
@@ -330,6 +331,10 @@ class TokenServer:
         """Issued here, not revoked and not expired (server-side, monotonic clock)."""
         expiry = self._expiry.get(token)
         return expiry is not None and token not in self._revoked and time.monotonic() < expiry
+
+    def expiry(self, token: str) -> float:
+        """When `token`, issued here, expires (server-side, monotonic clock)."""
+        return self._expiry[token]
 
     def revoke(self, token: str) -> None:
         self._revoked.add(token)
