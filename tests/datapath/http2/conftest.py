@@ -34,18 +34,14 @@ def _validator(token_server: TokenServer) -> Callable[[str | None], bool]:
 
 @pytest.fixture
 def tls_grpc_server(server_ca: trustme.CA, token_server: TokenServer) -> Iterator[GrpcServer]:
-    server = GrpcServer(validate=_validator(token_server))
-    server.start(server_ca)
-    yield server
-    server.stop()
+    with GrpcServer(ca=server_ca, validate=_validator(token_server)) as server:
+        yield server
 
 
 @pytest.fixture
 def plain_grpc_server(token_server: TokenServer) -> Iterator[GrpcServer]:
-    server = GrpcServer(validate=_validator(token_server))
-    server.start(None)
-    yield server
-    server.stop()
+    with GrpcServer(validate=_validator(token_server)) as server:
+        yield server
 
 
 @dataclass

@@ -5,14 +5,13 @@ whichever side is slow, and a window held shut ends the stream instead of holdin
 from __future__ import annotations
 
 import asyncio
-import struct
 
 import h2.events
 from hyperframe.frame import DataFrame, HeadersFrame, PingFrame
 
 from proxy.config import LimitsConfig
 from tests.datapath.http2.conftest import GrpcProxy, StartGrpcProxy, method
-from tests.support.grpc_server import GrpcServer
+from tests.support.grpc_server import GrpcServer, grpc_message
 from tests.support.h2_client import RawH2
 
 CANCEL = 0x8
@@ -30,11 +29,6 @@ HELD_AT_MOST = 16 * 1024 * 1024
 PRODUCED_AT_MOST = 2 * 1024 * 1024
 
 
-def framed(payload: bytes) -> bytes:
-    """One gRPC message (uncompressed)."""
-    return struct.pack(">BI", 0, len(payload)) + payload
-
-
 def port_of(proxy: GrpcProxy) -> int:
     return int(proxy.target.rpartition(":")[2])
 
@@ -47,7 +41,7 @@ async def test_a_window_held_shut_resets_the_stream_and_reads_no_further(
     client = await RawH2.open(port_of(proxy), initial_window=0)
     try:
         stream_id = client.request(method("ServerStream").encode(), end_stream=False, grpc=True)
-        client.h2.send_data(stream_id, framed(b"100000,10000"), end_stream=True)
+        client.h2.send_data(stream_id, grpc_message(b"100000,10000"), end_stream=True)
         client.flush()
         async with asyncio.timeout(WITHIN):
             while stream_id not in client.received.resets():
@@ -76,21 +70,21 @@ async def test_the_client_may_send_only_what_went_upstream(
 ) -> None:
     proxy = await start_reverse_grpc()
     client = await RawH2.open(port_of(proxy))
-    message = framed(b"m" * MESSAGE)
+    message = grpc_message(b"m" * MESSAGE)
     body = message * (UPLOAD // len(message))
     try:
         stream_id = client.request(method("Hold").encode(), end_stream=False, grpc=True)
         sent = await send_until_blocked(client, stream_id, body)
         # The handler reads nothing yet: the proxy acknowledged only what went upstream.
         assert sent < HELD_AT_MOST
-        plain_grpc_server.release.set()
+        plain_grpc_server.release_holds()
         sent += await send_all(client, stream_id, body[sent:])
         assert sent == len(body)
         answer = await response_body(client, stream_id)
     finally:
         await client.close()
     count = len(body) // len(message)
-    assert answer == framed(b"%d:%d" % (count, count * MESSAGE))
+    assert answer == grpc_message(b"%d:%d" % (count, count * MESSAGE))
 
 
 async def send_until_blocked(client: RawH2, stream_id: int, body: bytes) -> int:

@@ -75,9 +75,9 @@ async def test_upstream_timeout_is_deadline_exceeded(
 ) -> None:
     proxy = await start_intercepting_grpc(timeout=0.5)
     try:
-        error = await failed_call(proxy, "Slow")
+        error = await failed_call(proxy, "Hold")
     finally:
-        tls_grpc_server.release.set()
+        tls_grpc_server.release_holds()
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "upstream_timeout" in error.details()
     assert grpc_count(proxy, 4) == 1

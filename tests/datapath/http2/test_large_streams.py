@@ -25,7 +25,7 @@ import grpc
 import pytest
 
 from tests.support.configs import upstream_entry
-from tests.support.grpc_servers import SERVICE, GrpcServer
+from tests.support.grpc_server import SERVICE, GrpcServer
 from tests.support.process import ProxyProcess, free_port, rss_bytes
 from tests.support.token_server import TokenServer
 

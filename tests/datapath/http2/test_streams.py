@@ -5,7 +5,6 @@ proxy announces in SETTINGS, and an idle connection closed."""
 from __future__ import annotations
 
 import asyncio
-import struct
 from collections.abc import AsyncIterator
 
 import h2.config
@@ -17,7 +16,7 @@ from hyperframe.frame import GoAwayFrame, SettingsFrame
 from proxy.config import LimitsConfig
 from proxy.datapath.http2.server import MAX_CONCURRENT_STREAMS
 from tests.datapath.http2.conftest import GrpcProxy, StartGrpcProxy, method
-from tests.support.grpc_server import GrpcServer
+from tests.support.grpc_server import GrpcServer, grpc_message
 from tests.support.h2_client import RawH2
 from tests.support.waiting import eventually
 
@@ -26,17 +25,13 @@ ENHANCE_YOUR_CALM = 0xB
 WITHIN = 15.0
 
 
-def framed(payload: bytes) -> bytes:
-    return struct.pack(">BI", 0, len(payload)) + payload
-
-
 def port_of(proxy: GrpcProxy) -> int:
     return int(proxy.target.rpartition(":")[2])
 
 
-async def slow_call(client: RawH2) -> int:
-    stream_id = client.request(method("Slow").encode(), end_stream=False, grpc=True)
-    client.h2.send_data(stream_id, framed(b"slow"), end_stream=True)
+async def held_call(client: RawH2) -> int:
+    stream_id = client.request(method("Hold").encode(), end_stream=False, grpc=True)
+    client.h2.send_data(stream_id, grpc_message(b"held"), end_stream=True)
     client.flush()
     return stream_id
 
@@ -68,7 +63,7 @@ async def test_a_client_reset_cancels_the_upstream_call(
     proxy = await start_reverse_grpc()
     client = await RawH2.open(port_of(proxy))
     try:
-        stream_id = await slow_call(client)
+        stream_id = await held_call(client)
 
         async def arrived() -> bool:
             return len(plain_grpc_server.calls) == 1
@@ -145,7 +140,7 @@ async def test_a_client_goaway_lets_its_streams_finish(
     proxy = await start_reverse_grpc()
     client = await RawH2.open(port_of(proxy))
     try:
-        stream_id = await slow_call(client)
+        stream_id = await held_call(client)
 
         async def arrived() -> bool:
             return len(plain_grpc_server.calls) == 1
@@ -153,7 +148,7 @@ async def test_a_client_goaway_lets_its_streams_finish(
         await eventually(arrived)
         # Past h2's own state machine, which would take no more frames after it.
         client.write_frames(GoAwayFrame(0, last_stream_id=0, error_code=0))
-        plain_grpc_server.release.set()
+        plain_grpc_server.release_holds()
         trailers = await trailers_of(client, stream_id)
         assert trailers[b"grpc-status"] == b"0"
         received = await client.until_closed(WITHIN)
@@ -170,7 +165,7 @@ async def test_draining_sends_goaway_and_answers_the_streams_in_flight(
     listener = proxy.app.reverse_listeners["inventory"]
     client = await RawH2.open(port_of(proxy))
     try:
-        stream_id = await slow_call(client)
+        stream_id = await held_call(client)
 
         async def arrived() -> bool:
             return len(plain_grpc_server.calls) == 1
@@ -185,7 +180,7 @@ async def test_draining_sends_goaway_and_answers_the_streams_in_flight(
         assert goaway is not None
         assert (goaway.error_code, goaway.last_stream_id) == (0, stream_id)
         assert not drained.done()  # the stream in flight holds the drain
-        plain_grpc_server.release.set()
+        plain_grpc_server.release_holds()
         trailers = await trailers_of(client, stream_id)
         assert trailers[b"grpc-status"] == b"0"
         assert await asyncio.wait_for(drained, WITHIN)  # every connection closed in time

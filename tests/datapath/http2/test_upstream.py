@@ -25,7 +25,7 @@ from proxy.datapath.http2.upstream_connection import STREAM_WINDOW, derived_alpn
 from proxy.datapath.upstream_connection import Origin
 from proxy.errors import UpstreamTimeout, UpstreamUnreachable
 from proxy.tls.client_context import client_ssl_context
-from tests.support.grpc_servers import GrpcServer, grpc_message, grpc_messages, request_headers
+from tests.support.grpc_server import GrpcServer, grpc_message, grpc_messages, request_headers
 from tests.support.upstream import Upstream
 from tests.support.waiting import eventually
 
@@ -132,9 +132,7 @@ async def test_unary_call_over_h2c_carries_metadata_and_trailers(
 async def test_unary_call_over_tls_negotiates_h2(
     upstreams: Http2Upstreams, ca: trustme.CA, client_context: ssl.SSLContext
 ) -> None:
-    leaf = ca.issue_cert("127.0.0.1")
-    tls = (leaf.private_key_pem.bytes(), leaf.cert_chain_pems[0].bytes())
-    with GrpcServer(tls=tls) as server:
+    with GrpcServer(ca=ca) as server:
         origin = Origin("https", "127.0.0.1", server.port, client_context)
         _, _, messages, trailers = await unary(
             upstreams, origin, "Authorization", b"", [(b"authorization", TOKEN)]
@@ -184,7 +182,7 @@ async def test_a_failed_call_is_a_trailers_only_response(
     upstreams: Http2Upstreams, grpc_server: GrpcServer
 ) -> None:
     status, headers, messages, trailers = await unary(
-        upstreams, h2c(grpc_server.port), "Fail", b"16"
+        upstreams, h2c(grpc_server.port), "Refuse", b"UNAUTHENTICATED"
     )
     assert status == 200
     assert headers[b"grpc-status"] == b"16"
@@ -195,7 +193,7 @@ async def test_a_failed_call_is_a_trailers_only_response(
 async def test_bidirectional_stream_relays_each_message(
     upstreams: Http2Upstreams, grpc_server: GrpcServer
 ) -> None:
-    stream = await open_call(upstreams, h2c(grpc_server.port), "Echo")
+    stream = await open_call(upstreams, h2c(grpc_server.port), "Bidi")
     for index in range(3):
         await stream.send_data(grpc_message(b"ping %d" % index))
         if index == 0:
@@ -231,7 +229,7 @@ async def test_streams_beyond_max_concurrent_streams_open_another_connection(
         server.release_holds()
         for stream in streams:
             await stream.response_head()
-            assert grpc_messages(await read_all(stream)) == [b"held"]
+            assert grpc_messages(await read_all(stream)) == [b"1:4"]  # one message, 4 bytes
             assert dict(stream.trailers or [])[b"grpc-status"] == b"0"
         # Finished streams leave room: the next call needs no new connection.
         await unary(upstreams, origin, "Unary", b"again")
@@ -327,7 +325,7 @@ async def test_graceful_server_stop_lets_the_call_in_flight_finish(
     await eventually(retired)  # GOAWAY: no new stream goes there
     grpc_server.release_holds()
     await stream.response_head()
-    assert grpc_messages(await read_all(stream)) == [b"in flight"]
+    assert grpc_messages(await read_all(stream)) == [b"1:9"]  # one message, 9 bytes
     assert dict(stream.trailers or [])[b"grpc-status"] == b"0"
     assert await asyncio.to_thread(stopped.wait, 10)
 
