@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+from hypothesis import settings
 
 from proxy import data_path_build
 from proxy.app import ProxyApp
@@ -26,6 +27,11 @@ from tests.support.configs import (
 )
 from tests.support.token_server import TokenServer
 from tests.support.upstream import Upstream
+
+# Property tests check results, not speed: no per-example deadline, which a loaded
+# machine's stall would break.
+settings.register_profile("token-proxy", deadline=None)
+settings.load_profile("token-proxy")
 
 
 def pytest_report_header() -> str:

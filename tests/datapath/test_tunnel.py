@@ -397,7 +397,7 @@ async def test_unreachable_tunnel_target_is_502(
 async def test_idle_tunnel_is_closed_after_the_tunnel_idle_timeout(
     start_proxy: StartProxy, token_server: TokenServer, echo: EchoServer
 ) -> None:
-    limits = LimitsConfig(tunnel_idle_timeout=0.3)
+    limits = LimitsConfig(tunnel_idle_timeout=1.0)
     app = await start_proxy(tunnel_config(token_server, echo.port, limits=limits))
     reply, reader, writer = await send_connect(app.port, b"127.0.0.1:%d" % echo.port)
     assert reply.status == 200

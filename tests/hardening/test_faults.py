@@ -35,7 +35,7 @@ from tests.support.configs import (
     upstream_config,
 )
 from tests.support.process import ProxyProcess
-from tests.support.rawhttp import EvilConnection, EvilUpstream, healthz_seconds
+from tests.support.rawhttp import HEALTHZ_FAST, EvilConnection, EvilUpstream, healthz_seconds
 from tests.support.token_server import TokenServer
 from tests.support.upstream import Upstream
 
@@ -211,7 +211,7 @@ async def test_token_endpoint_outage_under_load(
     after = Load(proxy_url(app), lambda index: f"http://inventory.internal/after/{index}", 40)
     check_outcomes(await after.run(), {"200"}, total=40)
     check_tokens(upstream, token_server)
-    assert await healthz_seconds(app.admin_port) < 0.5
+    assert await healthz_seconds(app.admin_port) < HEALTHZ_FAST
 
 
 async def _status_is(app: ProxyApp, url: str, status: int) -> bool:
@@ -295,7 +295,7 @@ async def test_upstream_resets_under_load(
             ]
             assert len(fields) == 1
             assert fields[0].split(b":", 1)[1].strip() in issued
-        assert await healthz_seconds(app.admin_port) < 0.5
+        assert await healthz_seconds(app.admin_port) < HEALTHZ_FAST
 
 
 # -- a real process: SIGHUP and SIGTERM --------------------------------------------------------

@@ -24,6 +24,7 @@ from tests.support.configs import (
     start_inventory,
 )
 from tests.support.rawhttp import (
+    HEALTHZ_FAST,
     Behaviour,
     EvilConnection,
     EvilUpstream,
@@ -51,7 +52,6 @@ LIMITS = LimitsConfig(
 )
 # The sweeper runs once a second: a deadline is enforced within about a second of it.
 SWEEP_SLACK = 2.5
-HEALTHZ_FAST = 0.5
 # What the proxy answers itself, from what it already has, comes within this.
 AT_ONCE = 1.0
 

@@ -135,7 +135,7 @@ async def test_an_oversized_head_is_cut_off(admin_servers: list[AdminServer]) ->
 async def test_keep_alive_and_pipelined_requests_still_work(
     admin_servers: list[AdminServer],
 ) -> None:
-    server = await start_admin(header_timeout=0.5, idle_timeout=0.5)
+    server = await start_admin(header_timeout=2.0, idle_timeout=2.0)
     admin_servers.append(server)
     reader, writer = await connect(server.port)
     request = b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n"

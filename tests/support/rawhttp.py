@@ -520,11 +520,20 @@ async def settle(
     return value
 
 
-async def healthz_seconds(admin_port: int, within: float = 5.0) -> float:
-    """Time a raw `GET /healthz` on the admin port; AssertionError unless it answers 200."""
-    started = time.monotonic()
-    async with await RawClient.connect(admin_port) as client:
-        client.send(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        response = await client.final_response(within)
-    assert response.status == 200, response
-    return time.monotonic() - started
+# What a healthy proxy answers /healthz within, on a loaded machine.
+HEALTHZ_FAST = 0.5
+
+
+async def healthz_seconds(admin_port: int, within: float = 5.0, best_of: int = 3) -> float:
+    """The shortest time of `best_of` raw `GET /healthz` on the admin port, one after the
+    other; AssertionError unless each answers 200. A proxy that is stuck is slow every
+    time, a machine that stalls once is not."""
+    times = []
+    for _ in range(best_of):
+        started = time.monotonic()
+        async with await RawClient.connect(admin_port) as client:
+            client.send(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+            response = await client.final_response(within)
+        assert response.status == 200, response
+        times.append(time.monotonic() - started)
+    return min(times)

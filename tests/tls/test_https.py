@@ -748,7 +748,7 @@ async def test_tls_client_auth_at_the_token_endpoint(
 async def test_intercepted_connection_is_counted_and_idles_out(
     start_intercepting: StartIntercepting, https_upstream: Upstream
 ) -> None:
-    proxy = await start_intercepting(limits=LimitsConfig(idle_timeout=0.5))
+    proxy = await start_intercepting(limits=LimitsConfig(idle_timeout=2.0))
     listener = proxy.app.forward_listener
     assert listener is not None
     reader, writer = await connect_tls(
