@@ -168,11 +168,15 @@ async def test_redis_killed_and_restarted_under_load_fails_no_request(
     key_file: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Tokens of two seconds (below the real floor), renewed all through the outage.
+    # Tokens of two seconds (below the real floor), renewed all through the outage, 1 s
+    # before expiry: a refresh may be 0.9 s late (a Redis timeout and a stalled
+    # machine) before a token is missing.
     monkeypatch.setattr(provider_module, "MIN_LIFETIME", 0.5)
     monkeypatch.setattr(redis_backend, "RETRY_MAX", 0.5)
     token_server.expires_in = 2
-    config = fleet_config(token_server, upstream, redis_server.url, key_file)
+    config = fleet_config(
+        token_server, upstream, redis_server.url, key_file, refresh_before_expiry=1.0
+    )
     proxies = [await start_proxy(config) for _ in range(2)]
     statuses: list[int] = []
     stop = asyncio.Event()

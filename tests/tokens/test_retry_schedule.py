@@ -101,8 +101,11 @@ async def test_three_token_endpoint_failures_inside_a_2s_refresh_window_fail_no_
     token_server: TokenServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(provider_module, "MIN_LIFETIME", 1.0)  # 6 s tokens, not raised
-    token_server.expires_in = 6
+    monkeypatch.setattr(provider_module, "MIN_LIFETIME", 1.0)  # 4 s tokens, not raised
+    # Renewed 2 s before expiry (half the lifetime, the most a margin may be): from the
+    # refresh 1.8 s of use are left (the leeway of a 4 s token is 0.2 s), of which the
+    # three fitted delays take at most about 1 s.
+    token_server.expires_in = 4
     token = token_config(token_server, refresh_before_expiry=2.0, retry_initial=1.0, retry_max=60.0)
     app = await start_proxy(
         proxy_config(upstream_config("inventory", ["inventory.internal"], token, url=upstream.url))

@@ -52,6 +52,19 @@ class ShiftableClock:
         self.offset += seconds
 
 
+class StillClock:
+    """A monotonic clock that moves only when the test moves it."""
+
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class SteppableWallClock:
     """The wall clock, plus an offset a test can step (as NTP or an operator would)."""
 
@@ -163,7 +176,8 @@ def assert_no_secrets_logged(caplog: pytest.LogCaptureFixture, server: TokenServ
 async def test_start_fetches_a_token_and_reports_it(
     server: TokenServer, metrics: Metrics, make_provider: Callable[..., TokenProvider]
 ) -> None:
-    provider = make_provider(rng=FixedRandom(1.0))
+    # A clock that stands still: the times reported are exact.
+    provider = make_provider(clock=lambda: 1_000.0, rng=FixedRandom(1.0))
     await provider.start()
     token = await provider.get()
 
@@ -173,7 +187,7 @@ async def test_start_fetches_a_token_and_reports_it(
     assert provider.is_valid()
     assert fetches(metrics, "success") == 1
     assert fetches(metrics, "failure") == 0
-    assert 3590 < sample(metrics, "token_proxy_token_expires_in_seconds") <= 3600
+    assert sample(metrics, "token_proxy_token_expires_in_seconds") == 3600
     expiry = sample(metrics, "token_proxy_token_expiry_timestamp_seconds")
     assert abs(expiry - (time.time() + 3600)) < 5
     assert sample(metrics, "token_proxy_token_fetch_duration_seconds_count") == 1
@@ -185,8 +199,8 @@ async def test_start_fetches_a_token_and_reports_it(
     assert status["last_error"] is None
     assert status["token_endpoint"] == server.url
     assert isinstance(status["last_fetch_time"], float)
-    # 3600 s token: renewed 300 s before expiry, minus at most 5 % of that as jitter.
-    assert 3600 - 315 - 1 <= status["refresh_in_seconds"] <= 3600 - 315  # type: ignore[operator]
+    # 3600 s token: renewed 300 s before expiry, and 5 % of that earlier (the top jitter).
+    assert status["refresh_in_seconds"] == 3600 - 315
     rendered = json.dumps(status)
     assert token not in rendered
     assert SECRET not in rendered
@@ -279,9 +293,10 @@ async def test_refresh_happens_before_expiry_without_blocking_requests(
     await eventually(lambda: provider.current() == server.issued[1])
 
     # Times as the token endpoint saw them: the refresh came about 1 s after the first
-    # request, and before the first token expired.
+    # request (0.2 s at least, should the first have reached it late), and before the
+    # first token expired.
     fetched, refreshed = (request.received_at for request in server.requests[:2])
-    assert refreshed - fetched >= 0.5
+    assert refreshed - fetched >= 0.2
     assert refreshed < server.expiry(first)
     assert server.fetch_count == 2
 
@@ -312,14 +327,15 @@ async def test_a_late_refresh_is_started_by_the_next_request(
 async def test_steady_traffic_across_several_refreshes_never_fails(
     server: TokenServer, metrics: Metrics, make_provider: Callable[..., TokenProvider]
 ) -> None:
-    server.expires_in = 2  # renewed every ~1.6 s
-    provider = make_provider()
+    server.expires_in = 2
+    # Renewed 1 s before expiry, no jitter: every 1 s, with 0.9 s of use left at each.
+    provider = make_provider(refresh_before_expiry=1.0, rng=FixedRandom(0.0))
+    # Traffic ends 0.5 s after the fourth refresh is due and 0.5 s before the fifth.
+    deadline = time.monotonic() + 4.5
     await provider.start()
     await provider.get()
-    duration = 5.0
     served = 0
     gaps = 0
-    deadline = time.monotonic() + duration
 
     async def worker() -> None:
         nonlocal served, gaps
@@ -336,7 +352,7 @@ async def test_steady_traffic_across_several_refreshes_never_fails(
     assert gaps == 0
     assert served > 1000
     assert fetches(metrics, "failure") == 0
-    assert 1 + 2 <= server.fetch_count <= 1 + 4
+    assert 1 + 3 <= server.fetch_count <= 1 + 4
     assert fetches(metrics, "success") == server.fetch_count
     assert len(server.requests) == server.fetch_count
 
@@ -355,9 +371,11 @@ async def test_failed_fetches_back_off_exponentially_with_jitter(
     server: TokenServer,
     metrics: Metrics,
     make_provider: Callable[..., TokenProvider],
+    caplog: pytest.LogCaptureFixture,
     jitter: float,
     expected_intervals: list[float],
 ) -> None:
+    caplog.set_level(logging.INFO, logger="token_proxy")
     server.set_failing("500")
     provider = make_provider(retry_initial=0.2, retry_max=0.8, rng=FixedRandom(jitter))
     await provider.start()
@@ -366,10 +384,15 @@ async def test_failed_fetches_back_off_exponentially_with_jitter(
         await server.wait_for_requests(n)
         arrivals.append(time.monotonic())
     intervals = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
-
-    for got, expected in zip(intervals, expected_intervals, strict=True):
-        assert expected - 0.03 <= got <= expected + 0.4, intervals
     await eventually(lambda: failures(metrics, "http_5xx") >= 5)
+
+    # The delays the provider scheduled, exactly; the attempts came no earlier than
+    # scheduled, and not much later in all (a stalled machine makes some later).
+    scheduled = [r.__dict__["retry_in"] for r in caplog.records if hasattr(r, "retry_in")]
+    assert scheduled[:4] == expected_intervals
+    for got, expected in zip(intervals, expected_intervals, strict=True):
+        assert got >= expected - 0.03, intervals
+    assert sum(intervals) <= sum(expected_intervals) + 1.0, intervals
     assert fetches(metrics, "success") == 0
     status = provider.status()
     assert status["state"] == "unavailable"
@@ -413,25 +436,30 @@ async def test_outage_serves_the_valid_token_then_refuses_then_recovers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    clock = ShiftableClock()
-    server.expires_in = 1.5  # renewed at ~1.2 s, unusable from ~1.42 s
+    # The provider's time moves only when the test moves it (the background task's
+    # sleeps are real): no stall of the machine can end the token's life early.
+    clock = StillClock()
+    server.expires_in = 1.5  # renewed at 1.185 s, unusable from 1.425 s
     provider = make_provider(clock=clock, retry_initial=30.0, retry_max=60.0, rng=FixedRandom(1.0))
     await provider.start()
     first = await provider.get()
     server.set_failing("500")
 
+    clock.advance(1.2)  # the refresh is due; 0.225 s of use left: too little to fit a retry
     await server.wait_for_requests(2)  # the proactive refresh fails
     assert await provider.get() == first  # the cached token is still valid: served
     await eventually(lambda: provider.status()["consecutive_failures"] == 1)
     assert provider.status()["state"] == "valid_retrying"
 
-    await eventually(lambda: provider.current() is None)  # expired
+    clock.advance(0.25)  # past the token's usable life, long before the next attempt
+    assert provider.current() is None
     results = await asyncio.gather(*(provider.get() for _ in range(100)), return_exceptions=True)
     assert all(isinstance(result, TokenUnavailable) for result in results)
     unavailable = results[0]
     assert isinstance(unavailable, TokenUnavailable)
     assert unavailable.upstream == UPSTREAM
-    assert 25 < unavailable.retry_after <= 30  # the next attempt of the backoff schedule
+    # The next attempt of the backoff schedule: 30 s after the failure, 0.25 s ago.
+    assert unavailable.retry_after == pytest.approx(30 - 0.25)
     assert "http_5xx" in unavailable.detail
     assert len(server.requests) == 2  # requests caused no fetch outside the schedule
     assert provider.status()["state"] == "unavailable"
@@ -699,21 +727,24 @@ async def test_a_lifetime_below_the_floor_is_raised_counted_and_logged_once_per_
     caplog.set_level(logging.INFO, logger="token_proxy")
     floor = provider_module.MIN_LIFETIME
     server.expires_in = 0.001
+    # The provider's time moves only as the test's traffic moves it, so the times it
+    # reports are exact.
+    clock = StillClock()
     # A configured margin far beyond the lifetime: clamped to half the floored lifetime.
     provider = make_provider(
-        refresh_before_expiry=300.0, rng=FixedRandom(1.0), invalidate_interval=0.0
+        clock=clock, refresh_before_expiry=300.0, rng=FixedRandom(1.0), invalidate_interval=0.0
     )
     await provider.start()
     for _ in range(40):
         await provider.get()  # never TokenUnavailable
+        clock.advance(0.005)  # longer than a token of 0.001 s lives
         await asyncio.sleep(0.005)  # traffic pacing, not synchronisation
 
     assert server.fetch_count == 1
     status = provider.status()
-    assert floor - 1 < status["expires_in_seconds"] <= floor  # type: ignore[operator]
+    assert status["expires_in_seconds"] == pytest.approx(floor - 0.2)
     margin = floor / 2
-    refresh_in = status["refresh_in_seconds"]
-    assert floor - margin * 1.05 - 1 <= refresh_in <= floor - margin  # type: ignore[operator]
+    assert status["refresh_in_seconds"] == pytest.approx(floor - margin * 1.05 - 0.2)
     assert sample(metrics, "token_proxy_token_lifetime_clamped_total") == 1
 
     def clamp_logs() -> list[logging.LogRecord]:
@@ -753,17 +784,18 @@ async def test_a_wall_clock_step_under_traffic_changes_no_expiry_and_no_schedule
 ) -> None:
     caplog.set_level(logging.INFO, logger="token_proxy")
     server.token_format = "jwt"
-    server.expires_in = 2  # JWTs with iat, exp = iat + 2; renewed every ~1.6 s
+    server.expires_in = 2  # JWTs with iat, exp = iat + 2
     if jwt_only:
         server.response_overrides["expires_in"] = OMIT
     wall = SteppableWallClock()
-    provider = make_provider(wall_clock=wall)
+    # Renewed 1 s before expiry, no jitter: every 1 s, with 0.9 s of use left at each.
+    provider = make_provider(wall_clock=wall, refresh_before_expiry=1.0, rng=FixedRandom(0.0))
+    # Traffic ends 0.5 s after the third refresh is due and 0.5 s before the fourth.
+    deadline = time.monotonic() + 3.5
     await provider.start()
     await provider.get()
     wall.step(step)  # the monotonic clock runs on unchanged
-    duration = 4.0
     served = gaps = 0
-    deadline = time.monotonic() + duration
 
     async def worker() -> None:
         nonlocal served, gaps
