@@ -48,7 +48,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import timeit
 import urllib.request
@@ -74,6 +73,7 @@ from bench.stack import (
     bench_upstream,
     start_token_endpoint,
     start_token_proxy,
+    token_proxy_config,
 )
 from bench.suite import background_busy_percent, machine_info
 from bench.wrk import Request
@@ -179,19 +179,14 @@ class DpopStack:
         ]
 
     def proxy_config(self) -> dict[str, object]:
-        upstreams: dict[str, object] = {}
+        upstreams: dict[str, dict[str, object]] = {}
         origin = f"http://127.0.0.1:{self.origin_port}"
         for name, alg in UPSTREAMS:
             dpop = {} if alg is None else {"dpop": {"alg": alg}}
             upstreams[name] = bench_upstream(
                 name, host(name), origin, self.token_port, self.ports[name], **dpop
             )
-        return {
-            "listen": f"127.0.0.1:{self.proxy_port}",
-            "admin_listen": f"127.0.0.1:{self.admin_port}",
-            "log_level": "warning",
-            "upstreams": upstreams,
-        }
+        return token_proxy_config(self.proxy_port, self.admin_port, upstreams)
 
     def token_types(self) -> dict[str, str | None]:
         """Per upstream, from /status: the type of the token it holds ("Bearer", "DPoP")
@@ -542,12 +537,9 @@ def format_report(
 
 
 def run(args: argparse.Namespace) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="token-proxy-dpop-bench-"))
-    # nginx's workers drop root privileges and must still read their files.
-    workdir.chmod(0o755)
-    group = ProcessGroup(workdir)
     cores = Cores.for_machine()
-    with bounded_run("bench.dpop", group, workdir) as outcome:
+    with bounded_run("bench.dpop") as bench_run:
+        group, workdir = bench_run.group, bench_run.workdir
         background = background_busy_percent()
         _progress("timing proofs in process")
         with pinned(cores.under_test):
@@ -607,7 +599,7 @@ def run(args: argparse.Namespace) -> int:
             args.json.write_text(json.dumps(payload, indent=2))
             _progress(f"results written to {args.json}")
         return 0
-    return outcome.code
+    return bench_run.code
 
 
 def openssl_version() -> str:

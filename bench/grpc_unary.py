@@ -30,9 +30,7 @@ import asyncio
 import json
 import socket
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -40,7 +38,14 @@ from pathlib import Path
 
 from bench import nginx
 from bench.prerequisites import ensure_commands
-from bench.processes import ProcessGroup, bounded_run, free_port, progress, stop_on_signals
+from bench.processes import (
+    ProcessGroup,
+    bounded_run,
+    free_port,
+    progress,
+    run_child,
+    stop_on_signals,
+)
 from bench.procfs import cpu_seconds, descendants
 from bench.report import median, paired_ratio
 from bench.stack import (
@@ -49,6 +54,7 @@ from bench.stack import (
     bench_upstream,
     start_token_endpoint,
     start_token_proxy,
+    token_proxy_config,
 )
 from bench.suite import background_busy_percent
 
@@ -264,25 +270,16 @@ class GrpcBench:
         )
 
     def proxy_config(self) -> dict[str, object]:
-        return {
-            "listen": f"127.0.0.1:{self.proxy_port}",
-            "admin_listen": f"127.0.0.1:{self.admin_port}",
-            "log_level": "warning",
-            "upstreams": {
-                "grpc-bench": bench_upstream(
-                    "grpc-bench",
-                    "grpc.bench",
-                    f"http://127.0.0.1:{self.upstream_port}",
-                    self.token_port,
-                    self.reverse_port,
-                )
-            },
-        }
+        upstream = bench_upstream(
+            "grpc-bench",
+            "grpc.bench",
+            f"http://127.0.0.1:{self.upstream_port}",
+            self.token_port,
+            self.reverse_port,
+        )
+        return token_proxy_config(self.proxy_port, self.admin_port, {"grpc-bench": upstream})
 
     def measure(self, target: Target, args: argparse.Namespace, duration: float) -> Sample:
-        name = f"load-{target.name}"
-        log = self.group.log_path(name)
-        log.unlink(missing_ok=True)
         command = [
             sys.executable,
             "-m",
@@ -298,18 +295,18 @@ class GrpcBench:
         ]
         cpu_before = cpu_seconds(target.pids)
         upstream_before = cpu_seconds(self.upstream_pids)
-        process = self.group.start(name, command, cpus=self.cores.load, cwd=REPO_ROOT)
-        try:
-            process.wait(duration + READY_TIMEOUT + LOAD_GRACE)
-        except subprocess.TimeoutExpired:
-            self.group.stop(process)
-            raise RuntimeError(f"{name} did not finish:\n{self.group.log_tail(name)}") from None
+        printed = run_child(
+            self.group,
+            f"load-{target.name}",
+            command,
+            mark=RESULT_MARK,
+            timeout=duration + READY_TIMEOUT + LOAD_GRACE,
+            cpus=self.cores.load,
+            cwd=REPO_ROOT,
+        )
         cpu_used = cpu_seconds(target.pids) - cpu_before
         upstream_used = cpu_seconds(self.upstream_pids) - upstream_before
-        lines = [line for line in log.read_text().splitlines() if line.startswith(RESULT_MARK)]
-        if process.returncode != 0 or not lines:
-            raise RuntimeError(f"{name} failed:\n{self.group.log_tail(name)}")
-        result = LoadResult(**json.loads(lines[-1].removeprefix(RESULT_MARK)))
+        result = LoadResult(**printed)
         if result.failures or not result.calls:
             raise RuntimeError(
                 f"{target.name}: {result.calls} calls and failures {result.failures}: "
@@ -360,11 +357,9 @@ def report(
 
 
 def run(args: argparse.Namespace) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="token-proxy-grpc-bench-"))
-    workdir.chmod(0o755)
-    group = ProcessGroup(workdir)
     cores = Cores.for_machine()
-    with bounded_run("bench.grpc_unary", group, workdir) as outcome:
+    with bounded_run("bench.grpc_unary") as bench_run:
+        group, workdir = bench_run.group, bench_run.workdir
         background = background_busy_percent()
         bench = GrpcBench(group, workdir, cores)
         _progress(f"starting servers in {workdir}")
@@ -413,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
             _progress(f"failed: token-proxy was not measured: {refusal}")
             return 1
         return 0
-    return outcome.code
+    return bench_run.code
 
 
 def _pinning(cores: Cores) -> str:

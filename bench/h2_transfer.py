@@ -33,16 +33,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.processes import ProcessGroup, bounded_run, free_port, progress, stop_on_signals
+from bench.processes import (
+    ProcessGroup,
+    bounded_run,
+    free_port,
+    progress,
+    run_child,
+    stop_on_signals,
+)
 from bench.procfs import cpu_seconds, rss_bytes
 from bench.stack import (
     REPO_ROOT,
@@ -50,6 +55,7 @@ from bench.stack import (
     bench_upstream,
     start_token_endpoint,
     start_token_proxy,
+    token_proxy_config,
 )
 
 SERVICE = "bench.Transfer"
@@ -285,25 +291,16 @@ class H2TransferBench:
         self.proxy_pid = proxy.pid
 
     def proxy_config(self) -> dict[str, object]:
-        return {
-            "listen": f"127.0.0.1:{self.proxy_port}",
-            "admin_listen": f"127.0.0.1:{self.admin_port}",
-            "log_level": "warning",
-            "upstreams": {
-                "grpc-transfer": bench_upstream(
-                    "grpc-transfer",
-                    "grpc.transfer",
-                    f"http://127.0.0.1:{self.upstream_port}",
-                    self.token_port,
-                    self.reverse_port,
-                )
-            },
-        }
+        upstream = bench_upstream(
+            "grpc-transfer",
+            "grpc.transfer",
+            f"http://127.0.0.1:{self.upstream_port}",
+            self.token_port,
+            self.reverse_port,
+        )
+        return token_proxy_config(self.proxy_port, self.admin_port, {"grpc-transfer": upstream})
 
     def measure(self, kind: str, args: argparse.Namespace, size: int) -> Transfer:
-        name = f"client-{kind}"
-        log = self.group.log_path(name)
-        log.unlink(missing_ok=True)
         command = [
             sys.executable,
             "-m",
@@ -326,17 +323,17 @@ class H2TransferBench:
         produced_before = len(self._produced())
         cpu_before = cpu_seconds([self.proxy_pid])
         with RssSampler(self.proxy_pid) as sampler:
-            process = self.group.start(name, command, cpus=self.cores.load, cwd=REPO_ROOT)
-            try:
-                process.wait(CALL_DEADLINE + READY_TIMEOUT + WAIT_GRACE)
-            except subprocess.TimeoutExpired:
-                self.group.stop(process)
-                raise RuntimeError(f"{name} did not finish:\n{self.group.log_tail(name)}") from None
+            printed = run_child(
+                self.group,
+                f"client-{kind}",
+                command,
+                mark=RESULT_MARK,
+                timeout=CALL_DEADLINE + READY_TIMEOUT + WAIT_GRACE,
+                cpus=self.cores.load,
+                cwd=REPO_ROOT,
+            )
         cpu_used = cpu_seconds([self.proxy_pid]) - cpu_before
-        lines = [line for line in log.read_text().splitlines() if line.startswith(RESULT_MARK)]
-        if process.returncode != 0 or not lines:
-            raise RuntimeError(f"{name} failed:\n{self.group.log_tail(name)}")
-        result = ClientResult(**json.loads(lines[-1].removeprefix(RESULT_MARK)))
+        result = ClientResult(**printed)
         if result.error:
             raise RuntimeError(f"{kind}: {result.error}")
         upstream_sent = None
@@ -399,10 +396,9 @@ def report(transfers: list[Transfer], args: argparse.Namespace, cores: Cores) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="token-proxy-h2-transfer-"))
-    group = ProcessGroup(workdir)
     cores = Cores.for_machine()
-    with bounded_run("bench.h2_transfer", group, workdir) as outcome:
+    with bounded_run("bench.h2_transfer") as bench_run:
+        group, workdir = bench_run.group, bench_run.workdir
         bench = H2TransferBench(group, workdir, cores)
         _progress(f"starting servers in {workdir}")
         bench.start()
@@ -429,7 +425,7 @@ def run(args: argparse.Namespace) -> int:
             }
             args.json.write_text(json.dumps(payload, indent=2))
         return 0
-    return outcome.code
+    return bench_run.code
 
 
 def _pinning(cores: Cores) -> str:

@@ -8,12 +8,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import types
 import urllib.error
@@ -21,6 +23,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 STOP_TIMEOUT = 5.0
 # Loopback only, whatever http_proxy the environment names.
@@ -147,27 +150,64 @@ def stop_on_signals() -> None:
         signal.signal(signum, _raise_interrupt)
 
 
-@dataclass
-class RunOutcome:
-    """The exit code of a run: 0 unless `bounded_run` caught something."""
+def run_child(
+    group: ProcessGroup,
+    name: str,
+    argv: Sequence[str],
+    *,
+    mark: str,
+    timeout: float,
+    cpus: str | None,
+    cwd: Path,
+) -> dict[str, Any]:
+    """Run a measuring child (a load generator, a client) to its end, within `timeout`
+    seconds, and return the JSON it printed last after `mark` on a line of its own log;
+    RuntimeError, with the log's tail, when it hangs, fails or prints no result."""
+    log = group.log_path(name)
+    log.unlink(missing_ok=True)
+    process = group.start(name, argv, cpus=cpus, cwd=cwd)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        group.stop(process)
+        raise RuntimeError(f"{name} did not finish:\n{group.log_tail(name)}") from None
+    lines = [line for line in log.read_text().splitlines() if line.startswith(mark)]
+    if process.returncode != 0 or not lines:
+        raise RuntimeError(f"{name} failed:\n{group.log_tail(name)}")
+    result = json.loads(lines[-1].removeprefix(mark))
+    if not isinstance(result, dict):
+        raise RuntimeError(f"{name} printed no result object: {lines[-1]!r}")
+    return result
 
+
+@dataclass
+class BenchRun:
+    """One benchmark run: its scratch directory, the processes it starts, its exit code
+    (0 unless `bounded_run` caught something)."""
+
+    workdir: Path
+    group: ProcessGroup
     code: int = 0
 
 
 @contextlib.contextmanager
-def bounded_run(name: str, group: ProcessGroup, workdir: Path) -> Iterator[RunOutcome]:
-    """A benchmark run's body: an interruption (exit code 130) or a failed process,
-    timeout or OS call (1) is said on stderr instead of a traceback, and afterwards,
-    whatever happened, every process of `group` is stopped and `workdir` removed."""
-    outcome = RunOutcome()
+def bounded_run(name: str) -> Iterator[BenchRun]:
+    """A benchmark run's body, in a scratch directory of its own: an interruption (exit
+    code 130) or a failed process, timeout or OS call (1) is said on stderr instead of
+    a traceback, and afterwards, whatever happened, every process of the run is stopped
+    and the directory removed."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"token-proxy-{name.replace('.', '-')}-"))
+    # nginx's workers drop root privileges and must still read the run's files.
+    workdir.chmod(0o755)
+    run = BenchRun(workdir, ProcessGroup(workdir))
     try:
-        yield outcome
+        yield run
     except KeyboardInterrupt:
         progress(name, "interrupted; stopping everything")
-        outcome.code = 130
+        run.code = 130
     except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as error:
         progress(name, f"failed: {error}")
-        outcome.code = 1
+        run.code = 1
     finally:
-        group.stop_all()
+        run.group.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)

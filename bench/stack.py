@@ -168,16 +168,12 @@ class Stack:
                 name, host, url, self.token_port, listen, refresh_before_expiry=refresh
             )
 
-        return {
-            "listen": f"127.0.0.1:{self.proxy_port}",
-            "admin_listen": f"127.0.0.1:{self.proxy_admin_port}",
-            "log_level": "warning",
-            "upstreams": {
-                "bench-reverse": upstream("bench-reverse", REVERSE_HOST, origin, self.reverse_port),
-                "bench-forward": upstream("bench-forward", FORWARD_HOST, origin, None),
-                "bench-upload": upstream("bench-upload", SINK_HOST, sink, self.upload_port),
-            },
+        upstreams = {
+            "bench-reverse": upstream("bench-reverse", REVERSE_HOST, origin, self.reverse_port),
+            "bench-forward": upstream("bench-forward", FORWARD_HOST, origin, None),
+            "bench-upload": upstream("bench-upload", SINK_HOST, sink, self.upload_port),
         }
+        return token_proxy_config(self.proxy_port, self.proxy_admin_port, upstreams)
 
     # -- targets -------------------------------------------------------------------
 
@@ -283,6 +279,19 @@ def start_token_proxy(
     )
     group.wait_for_ok("token-proxy", proxy, f"http://127.0.0.1:{admin_port}/readyz")
     return proxy
+
+
+def token_proxy_config(
+    proxy_port: int, admin_port: int, upstreams: dict[str, dict[str, object]]
+) -> dict[str, object]:
+    """A benchmark's token-proxy config: the forward port, the admin port, warnings only
+    (a log line per request would be measured too), and `upstreams` (`bench_upstream`)."""
+    return {
+        "listen": f"127.0.0.1:{proxy_port}",
+        "admin_listen": f"127.0.0.1:{admin_port}",
+        "log_level": "warning",
+        "upstreams": upstreams,
+    }
 
 
 def bench_upstream(

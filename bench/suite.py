@@ -27,7 +27,6 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench import measure
 from bench.measure import LoadSample
 from bench.prerequisites import ensure_commands, ensure_matplotlib
-from bench.processes import ProcessGroup, bounded_run, progress, stop_on_signals
+from bench.processes import bounded_run, progress, stop_on_signals
 from bench.procfs import CoreTimes, rss_bytes
 from bench.report import Results, TokenEconomy, format_report, plot, to_json
 from bench.stack import REPO_ROOT, Cores, Stack, Target
@@ -280,12 +279,9 @@ class Run:
 
 
 def run(args: argparse.Namespace, draw: Callable[[Results], None] | None) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="token-proxy-bench-"))
-    # nginx's workers drop root privileges and must still read the large file.
-    workdir.chmod(0o755)
-    group = ProcessGroup(workdir)
     cores = Cores.for_machine()
-    with bounded_run("bench", group, workdir) as outcome:
+    with bounded_run("bench") as bench_run:
+        group, workdir = bench_run.group, bench_run.workdir
         big_file = workdir / "big.bin"
         with big_file.open("wb") as handle:
             handle.truncate(args.big_size)  # sparse: reads as zeros, costs no disk
@@ -318,7 +314,7 @@ def run(args: argparse.Namespace, draw: Callable[[Results], None] | None) -> int
         if draw is not None:
             draw(results)
         return 0
-    return outcome.code
+    return bench_run.code
 
 
 def main(argv: list[str] | None = None) -> int:
