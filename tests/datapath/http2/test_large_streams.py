@@ -205,44 +205,25 @@ def assert_tokens(server: NumberedStreams, token_server: TokenServer, calls: int
     ), authorizations
 
 
-async def test_a_256_mib_server_stream_keeps_the_proxy_memory_flat(
+@pytest.mark.parametrize("transfer", [download, upload], ids=["server_stream", "client_stream"])
+async def test_a_256_mib_stream_keeps_the_proxy_memory_flat(
     reverse_proxy: tuple[ProxyProcess, int],
     upstream_server: NumberedStreams,
     token_server: TokenServer,
+    transfer: Callable[[int, int, int], tuple[int, int, str]],
 ) -> None:
     proxy, port = reverse_proxy
     # Warm-up: the token, the HTTP/2 connection upstream, the allocator's arenas.
     warm_up = await asyncio.wait_for(
-        asyncio.to_thread(download, port, WARM_UP_MESSAGES, MESSAGE_SIZE), CALL_TIMEOUT
+        asyncio.to_thread(transfer, port, WARM_UP_MESSAGES, MESSAGE_SIZE), CALL_TIMEOUT
     )
     assert warm_up[:2] == (WARM_UP_MESSAGES, WARM_UP_MESSAGES * MESSAGE_SIZE)
 
     (messages, total, digest), baseline, peak = await peak_during(
-        proxy, lambda: download(port, MESSAGES, MESSAGE_SIZE)
+        proxy, lambda: transfer(port, MESSAGES, MESSAGE_SIZE)
     )
 
-    assert (messages, total) == (MESSAGES, MESSAGES * MESSAGE_SIZE)
-    assert digest == expected_digest(MESSAGES, MESSAGE_SIZE)
-    assert_flat(baseline, peak, total)
-    assert_tokens(upstream_server, token_server, calls=2)
-
-
-async def test_a_256_mib_client_stream_keeps_the_proxy_memory_flat(
-    reverse_proxy: tuple[ProxyProcess, int],
-    upstream_server: NumberedStreams,
-    token_server: TokenServer,
-) -> None:
-    proxy, port = reverse_proxy
-    warm_up = await asyncio.wait_for(
-        asyncio.to_thread(upload, port, WARM_UP_MESSAGES, MESSAGE_SIZE), CALL_TIMEOUT
-    )
-    assert warm_up[:2] == (WARM_UP_MESSAGES, WARM_UP_MESSAGES * MESSAGE_SIZE)
-
-    (messages, total, digest), baseline, peak = await peak_during(
-        proxy, lambda: upload(port, MESSAGES, MESSAGE_SIZE)
-    )
-
-    # What the upstream read: every message, every byte, in order.
+    # What the receiving end read: every message, every byte, in order.
     assert (messages, total) == (MESSAGES, MESSAGES * MESSAGE_SIZE)
     assert digest == expected_digest(MESSAGES, MESSAGE_SIZE)
     assert_flat(baseline, peak, total)

@@ -29,10 +29,16 @@ def port_of(proxy: GrpcProxy) -> int:
     return int(proxy.target.rpartition(":")[2])
 
 
-async def held_call(client: RawH2) -> int:
+async def held_call(client: RawH2, server: GrpcServer) -> int:
+    """Start a `Hold` call, wait until the upstream has it, and return its stream id."""
     stream_id = client.request(method("Hold").encode(), end_stream=False, grpc=True)
     client.h2.send_data(stream_id, grpc_message(b"held"), end_stream=True)
     client.flush()
+
+    async def arrived() -> bool:
+        return len(server.calls) == 1
+
+    await eventually(arrived)
     return stream_id
 
 
@@ -63,12 +69,7 @@ async def test_a_client_reset_cancels_the_upstream_call(
     proxy = await start_reverse_grpc()
     client = await RawH2.open(port_of(proxy))
     try:
-        stream_id = await held_call(client)
-
-        async def arrived() -> bool:
-            return len(plain_grpc_server.calls) == 1
-
-        await eventually(arrived)
+        stream_id = await held_call(client, plain_grpc_server)
         client.h2.reset_stream(stream_id, CANCEL)
         client.flush()
 
@@ -140,12 +141,7 @@ async def test_a_client_goaway_lets_its_streams_finish(
     proxy = await start_reverse_grpc()
     client = await RawH2.open(port_of(proxy))
     try:
-        stream_id = await held_call(client)
-
-        async def arrived() -> bool:
-            return len(plain_grpc_server.calls) == 1
-
-        await eventually(arrived)
+        stream_id = await held_call(client, plain_grpc_server)
         # Past h2's own state machine, which would take no more frames after it.
         client.write_frames(GoAwayFrame(0, last_stream_id=0, error_code=0))
         plain_grpc_server.release_holds()
@@ -165,12 +161,7 @@ async def test_draining_sends_goaway_and_answers_the_streams_in_flight(
     listener = proxy.app.reverse_listeners["inventory"]
     client = await RawH2.open(port_of(proxy))
     try:
-        stream_id = await held_call(client)
-
-        async def arrived() -> bool:
-            return len(plain_grpc_server.calls) == 1
-
-        await eventually(arrived)
+        stream_id = await held_call(client, plain_grpc_server)
         await listener.stop_accepting()
         drained = asyncio.ensure_future(listener.drain(WITHIN))
         async with asyncio.timeout(WITHIN):
