@@ -52,6 +52,7 @@ from bench.stack import (
     REPO_ROOT,
     Cores,
     bench_upstream,
+    start_grpc_upstream,
     start_token_endpoint,
     start_token_proxy,
     token_proxy_config,
@@ -63,6 +64,7 @@ METHOD = f"/{SERVICE}/Unary"
 PAYLOAD = b"p" * 128
 CALL_DEADLINE = 5.0
 READY_TIMEOUT = 20.0
+ORIGIN_SIDE = "grpcio upstream and token endpoint"
 TOKEN_LIFETIME = 300
 # A load that has not finished this long after its duration is stuck, not slow.
 LOAD_GRACE = 30.0
@@ -235,14 +237,9 @@ class GrpcBench:
         self.upstream_pids: list[int] = []
 
     def start(self) -> tuple[Target, Target]:
-        python = sys.executable
-        upstream = self.group.start(
-            "grpc-upstream",
-            [python, "-m", "bench.grpc_unary", "--serve", str(self.upstream_port)],
-            cpus=self.cores.origin,
-            cwd=REPO_ROOT,
+        upstream = start_grpc_upstream(
+            self.group, "bench.grpc_unary", self.upstream_port, self.cores.origin
         )
-        self.group.wait_for_port("grpc-upstream", upstream, self.upstream_port)
         self.upstream_pids = [upstream.pid]
         cores = self.cores
         secret = start_token_endpoint(self.group, self.token_port, TOKEN_LIFETIME, cores.origin)
@@ -330,7 +327,7 @@ def report(
         f"gRPC unary calls ({len(PAYLOAD)}-byte messages), h2c in and out, one channel with "
         f"{args.concurrency} calls in flight, {args.rounds} interleaved rounds of "
         f"{args.duration} s; medians",
-        f"pinning: {_pinning(cores)}",
+        f"pinning: {cores.describe('load generator', ORIGIN_SIDE)}",
         f"other load on the machine just before the run: {background:.0f}% of all cores",
         f"  {'proxy':<12} {'calls/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU µs/call':>11} "
         f"{'calls/s vs nginx':>16} {'CPU vs nginx':>12} {'proxy CPU':>9} "
@@ -409,15 +406,6 @@ def run(args: argparse.Namespace) -> int:
             return 1
         return 0
     return bench_run.code
-
-
-def _pinning(cores: Cores) -> str:
-    if cores.under_test is None:
-        return "not pinned (one core)"
-    return (
-        f"proxy under test on CPU {cores.under_test}; load generator on CPU {cores.load}; "
-        f"grpcio upstream and token endpoint on CPU {cores.origin}"
-    )
 
 
 def _progress(message: str) -> None:

@@ -53,12 +53,14 @@ from bench.stack import (
     REPO_ROOT,
     Cores,
     bench_upstream,
+    start_grpc_upstream,
     start_token_endpoint,
     start_token_proxy,
     token_proxy_config,
 )
 
 SERVICE = "bench.Transfer"
+ORIGIN_SIDE = "grpcio upstream and token endpoint"
 TOKEN_LIFETIME = 600
 READY_TIMEOUT = 20.0
 RSS_SAMPLE_INTERVAL = 0.05
@@ -270,14 +272,7 @@ class H2TransferBench:
         self.proxy_pid = 0
 
     def start(self) -> None:
-        python = sys.executable
-        upstream = self.group.start(
-            "grpc-upstream",
-            [python, "-m", "bench.h2_transfer", "--serve", str(self.upstream_port)],
-            cpus=self.cores.origin,
-            cwd=REPO_ROOT,
-        )
-        self.group.wait_for_port("grpc-upstream", upstream, self.upstream_port)
+        start_grpc_upstream(self.group, "bench.h2_transfer", self.upstream_port, self.cores.origin)
         cores = self.cores
         secret = start_token_endpoint(self.group, self.token_port, TOKEN_LIFETIME, cores.origin)
         proxy = start_token_proxy(
@@ -372,7 +367,7 @@ def report(transfers: list[Transfer], args: argparse.Namespace, cores: Cores) ->
         f"gRPC streams through token-proxy's h2c reverse port, messages of "
         f"{args.message_size // 1024} KiB; slow reader: {args.slow_pause * 1000:g} ms after "
         f"each message, at most {args.slow_bytes // MIB} MiB or {args.slow_seconds:g} s",
-        f"pinning: {_pinning(cores)}",
+        f"pinning: {cores.describe('client', ORIGIN_SIDE)}",
         f"  {'transfer':<10} {'MiB':>6} {'s':>6} {'MB/s':>6} {'proxy CPU s':>11} "
         f"{'proxy CPU':>9} {'RSS start MiB':>13} {'peak MiB':>8} {'growth MiB':>10} "
         f"{'ahead MiB':>9}",
@@ -426,15 +421,6 @@ def run(args: argparse.Namespace) -> int:
             args.json.write_text(json.dumps(payload, indent=2))
         return 0
     return bench_run.code
-
-
-def _pinning(cores: Cores) -> str:
-    if cores.under_test is None:
-        return "not pinned (one core)"
-    return (
-        f"proxy on CPU {cores.under_test}; client on CPU {cores.load}; "
-        f"grpcio upstream and token endpoint on CPU {cores.origin}"
-    )
 
 
 def _progress(message: str) -> None:

@@ -56,12 +56,16 @@ class Cores:
         origin = cpus[2] if count > 2 else cpus[1]
         return cls(str(cpus[0]), str(cpus[1]), str(origin))
 
-    def describe(self) -> str:
+    def describe(
+        self, load: str = "wrk/curl", origin: str = "origin, sink and token endpoint"
+    ) -> str:
+        """Where each side runs, naming the load side and the origin side as `load` and
+        `origin` say."""
         if self.under_test is None:
             return "not pinned (one core)"
         return (
-            f"proxy under test on CPU {self.under_test}; wrk/curl on CPU {self.load}; "
-            f"origin, sink and token endpoint on CPU {self.origin}"
+            f"proxy under test on CPU {self.under_test}; {load} on CPU {self.load}; "
+            f"{origin} on CPU {self.origin}"
         )
 
 
@@ -279,6 +283,21 @@ def start_token_proxy(
     )
     group.wait_for_ok("token-proxy", proxy, f"http://127.0.0.1:{admin_port}/readyz")
     return proxy
+
+
+def start_grpc_upstream(
+    group: ProcessGroup, module: str, port: int, cpus: str | None
+) -> subprocess.Popen[bytes]:
+    """`python -m <module> --serve <port>` (a benchmark's grpcio upstream), once it
+    listens."""
+    upstream = group.start(
+        "grpc-upstream",
+        [sys.executable, "-m", module, "--serve", str(port)],
+        cpus=cpus,
+        cwd=REPO_ROOT,
+    )
+    group.wait_for_port("grpc-upstream", upstream, port)
+    return upstream
 
 
 def token_proxy_config(
