@@ -405,6 +405,10 @@ class EvilUpstream:
             if not writer.is_closing():
                 await conn.until_peer_closes(self.linger)
             else:
+                # The behaviour closed its side: what it wrote must go out before the
+                # abort below, which would drop whatever is still buffered.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(writer.wait_closed(), self.linger)
                 conn.peer_closed.set()
         except (
             ConnectionError,
