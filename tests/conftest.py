@@ -103,6 +103,12 @@ def server_ca() -> trustme.CA:
     return trustme.CA()
 
 
+@pytest.fixture(scope="module")
+def client_ca() -> trustme.CA:
+    """Signs client certificates for mutual TLS."""
+    return trustme.CA()
+
+
 @pytest.fixture
 def server_ca_file(server_ca: trustme.CA, tmp_path: Path) -> Path:
     """`server_ca` as a PEM file, for a proxy's `ca_file`."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 
+from proxy.config import TlsClientConfig
 from proxy.datapath.messages import RequestHead
 from proxy.datapath.routing import DEFAULT_PORTS, Target, parse_absolute_target, split_authority
 from proxy.datapath.runtime import Route, RuntimeHolder
@@ -28,7 +29,10 @@ _default_tls: ssl.SSLContext | None = None
 def _passthrough_tls() -> ssl.SSLContext:
     global _default_tls
     if _default_tls is None:
-        _default_tls = ssl.create_default_context()
+        from proxy.tls.client_context import client_ssl_context
+
+        # The system's trust store and no client certificate: what any other host gets.
+        _default_tls = client_ssl_context(TlsClientConfig())
     return _default_tls
 
 

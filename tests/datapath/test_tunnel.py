@@ -127,11 +127,6 @@ def server_ca() -> trustme.CA:
     return trustme.CA()
 
 
-@pytest.fixture
-def client_ca() -> trustme.CA:
-    return trustme.CA()
-
-
 def tunnel_config(token_server: TokenServer, *ports: int, **changes: Any) -> ProxyConfig:
     # One configured upstream, so that 127.0.0.1 is an *unmatched* host.
     inventory = upstream_config(

@@ -2,12 +2,15 @@
 
 The `server_ca` and `server_ca_file` fixtures (tests/conftest.py) give a test its CA
 and the PEM file a proxy's `ca_file` names; `server_context()` makes the context a test
-server (upstream, token endpoint) listens with.
+server (upstream, token endpoint) listens with. The `client_ca` fixture signs client
+certificates for mutual TLS, and `client_certificate_files()` writes one for a proxy's
+`client_cert_file` and `client_key_file`.
 """
 
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
 import trustme
 
@@ -21,3 +24,12 @@ def server_context(ca: trustme.CA, *, client_ca: trustme.CA | None = None) -> ss
         client_ca.configure_trust(context)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def client_certificate_files(ca: trustme.CA, name: str, directory: Path) -> tuple[Path, Path]:
+    """A client certificate for `name` signed by `ca`, as (certificate, key) PEM files."""
+    issued = ca.issue_cert(name)
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    return cert, key

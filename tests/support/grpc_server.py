@@ -100,9 +100,11 @@ class Call:
 @dataclass
 class GrpcServer:
     """A grpcio server on 127.0.0.1: h2c, or TLS with a certificate `ca` issued for
-    localhost and 127.0.0.1 (grpcio always offers h2 in ALPN)."""
+    localhost and 127.0.0.1 (grpcio always offers h2 in ALPN); with `client_ca` as well,
+    clients must present a certificate it signed (mutual TLS)."""
 
     ca: trustme.CA | None = None
+    client_ca: trustme.CA | None = None
     validate: Callable[[str | None], bool] | None = None
     max_concurrent_streams: int | None = None
     workers: int = 32
@@ -128,7 +130,12 @@ class GrpcServer:
         else:
             issued = self.ca.issue_cert("localhost", "127.0.0.1")
             chain = b"".join(pem.bytes() for pem in issued.cert_chain_pems)
-            credentials = grpc.ssl_server_credentials([(issued.private_key_pem.bytes(), chain)])
+            client_ca = self.client_ca
+            credentials = grpc.ssl_server_credentials(
+                [(issued.private_key_pem.bytes(), chain)],
+                root_certificates=client_ca.cert_pem.bytes() if client_ca is not None else None,
+                require_client_auth=client_ca is not None,
+            )
             self.port = server.add_secure_port("127.0.0.1:0", credentials)
         server.start()
         self._server = server

@@ -30,6 +30,8 @@ import h2.events
 import h11
 import trustme
 
+from tests.support.certificates import server_context
+
 DOWNLOAD = "/download/"
 _PIECE = b"d" * 16384
 
@@ -67,9 +69,10 @@ class H2Api:
     port: int = 0
     _server: asyncio.Server | None = None
 
-    async def start(self, ca: trustme.CA) -> None:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    async def start(self, ca: trustme.CA, *, client_ca: trustme.CA | None = None) -> None:
+        """Listen with a certificate `ca` signed; with `client_ca`, clients must present
+        a certificate it signed (mutual TLS)."""
+        context = server_context(ca, client_ca=client_ca)
         context.set_alpn_protocols(list(self.alpn))
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=context)
         self.port = self._server.sockets[0].getsockname()[1]

@@ -38,7 +38,7 @@ from proxy.config import (
 )
 from proxy.ops.metrics import Metrics
 from proxy.tls.intercept import TlsInterceptor
-from tests.support.certificates import server_context
+from tests.support.certificates import client_certificate_files, server_context
 from tests.support.configs import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -58,20 +58,6 @@ UTC = datetime.UTC
 # ---------------------------------------------------------------------------
 # Certificates and servers
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def client_ca() -> trustme.CA:
-    """Signs client certificates for mutual TLS."""
-    return trustme.CA()
-
-
-def client_files(ca: trustme.CA, name: str, directory: Path) -> tuple[Path, Path]:
-    issued = ca.issue_cert(name)
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    issued.cert_chain_pems[0].write_to_path(str(cert))
-    issued.private_key_pem.write_to_path(str(key))
-    return cert, key
 
 
 @pytest.fixture
@@ -603,7 +589,11 @@ async def test_tls_origination_to_an_untrusted_upstream_is_502(
         await impostor.close()
 
 
+@pytest.mark.parametrize(
+    "tls_version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["TLS1.2", "TLS1.3"]
+)
 async def test_mutual_tls_to_the_upstream(
+    tls_version: ssl.TLSVersion,
     start_proxy: StartProxy,
     https_token_server: TokenServer,
     server_ca: trustme.CA,
@@ -611,11 +601,13 @@ async def test_mutual_tls_to_the_upstream(
     server_ca_file: Path,
     tmp_path: Path,
 ) -> None:
-    upstream = await start_upstream(
-        server_context(server_ca, client_ca=client_ca), https_token_server
-    )
+    # In TLS 1.2 the server asks for the certificate inside the handshake, so any
+    # connection that leaves it out fails there (the ALPN probe of `http2: auto` too).
+    context = server_context(server_ca, client_ca=client_ca)
+    context.maximum_version = tls_version
+    upstream = await start_upstream(context, https_token_server)
     try:
-        cert, key = client_files(client_ca, "order-service.clients.test", tmp_path)
+        cert, key = client_certificate_files(client_ca, "order-service.clients.test", tmp_path)
         with_identity = TlsClientConfig(
             ca_file=server_ca_file, client_cert_file=cert, client_key_file=key
         )
@@ -709,7 +701,7 @@ async def test_tls_client_auth_at_the_token_endpoint(
     context = server_context(server_ca)
     client_ca.configure_trust(context)
     context.verify_mode = ssl.CERT_OPTIONAL
-    cert, key = client_files(client_ca, "order-service.clients.test", tmp_path)
+    cert, key = client_certificate_files(client_ca, "order-service.clients.test", tmp_path)
     async with TokenServer(
         clients={}, tls_clients={CLIENT_ID: "order-service.clients.test"}, ssl_context=context
     ) as server:

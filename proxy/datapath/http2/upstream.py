@@ -27,9 +27,8 @@ protocol error, RST_STREAM from the upstream, which also sets `reset_code`) and
 `UpstreamTimeout` (connecting took longer than `connect_timeout`, or a stream waiting
 for the upstream heard nothing from it for `read_timeout`).
 
-TLS contexts offer `h2` through a context derived from the origin's own, never the
-shared one (`derived_alpn_context`; an upstream with a client certificate needs
-`Http2Upstreams(alpn_context=...)`, see `upstream_connection.py`). A TLS origin that
+A TLS origin is offered `h2` through `http2_context` of its context (the same trust and
+client certificate; the context itself, shared with HTTP/1.1, offers nothing). One that
 does not select `h2` fails `open_stream` with `UpstreamUnreachable`; `connect()`
 answers None for it instead, so that a caller (`http2: auto`) can fall back to
 HTTP/1.1; that answer is remembered for `HTTP2_ALPN_RECHECK`.
@@ -40,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Callable
 from typing import Final
 
 from proxy.datapath.http2.upstream_connection import (
@@ -48,11 +46,11 @@ from proxy.datapath.http2.upstream_connection import (
     REFUSED_STREAM,
     Headers,
     Http2Connection,
-    derived_alpn_context,
 )
 from proxy.datapath.timeouts import HTTP2_ALPN_RECHECK, UPSTREAM_CLOSE_WAIT
 from proxy.datapath.upstream_connection import Origin
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
+from proxy.tls.client_context import http2_context
 
 __all__ = ["Http2Upstreams", "UpstreamStream"]
 
@@ -400,12 +398,7 @@ class UpstreamStream:
 class Http2Upstreams:
     """The HTTP/2 connections of one forwarder, per `Origin`."""
 
-    def __init__(
-        self,
-        *,
-        alpn_context: Callable[[ssl.SSLContext], ssl.SSLContext] = derived_alpn_context,
-    ) -> None:
-        self._alpn_context = alpn_context
+    def __init__(self) -> None:
         self._connections: dict[Origin, list[Http2Connection]] = {}
         self._capacity: dict[Origin, int] = {}
         self._http1_only: dict[Origin, float] = {}
@@ -496,7 +489,7 @@ class Http2Upstreams:
     async def _establish(self, connection: Http2Connection, connect_timeout: float) -> None:
         origin = connection.origin
         loop = asyncio.get_running_loop()
-        context = self._alpn_context(origin.ssl) if origin.ssl is not None else None
+        context = http2_context(origin.ssl) if origin.ssl is not None else None
         try:
             async with asyncio.timeout(connect_timeout):
                 await loop.create_connection(

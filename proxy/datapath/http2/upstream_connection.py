@@ -1,4 +1,4 @@
-"""One HTTP/2 connection to an upstream origin, and the TLS context it offers `h2` with.
+"""One HTTP/2 connection to an upstream origin.
 
 `Http2Connection` is the transport's protocol: h2 (sans-IO) keeps the protocol state,
 this module does the I/O and hands each stream's events to its `StreamEvents` (an
@@ -13,25 +13,13 @@ What we tell upstreams in SETTINGS bounds what waits here for a slow consumer: a
 `STREAM_WINDOW` bytes per stream, `CONNECTION_WINDOW` per connection; response header
 lists beyond `MAX_HEADER_LIST_SIZE` are a protocol error (h2's decoder enforces it).
 
-TLS: ALPN is a property of a whole `SSLContext`, and an upstream's context (from
-`proxy.tls.client_context`) is shared with the HTTP/1.1 pool and the token endpoints;
-offering `h2` there would make HTTP/1.1 connections offer it too. `derived_alpn_context`
-builds, once per context, one that verifies exactly as the original does (the same
-trusted CAs, host-name check, versions, options and flags) and offers `h2, http/1.1`:
-offering `http/1.1` too lets a server without HTTP/2 finish the handshake, so that it
-can be told apart from a broken peer. Python cannot read a client certificate back out
-of an `SSLContext`, so for an upstream with mutual TLS the context comes from
-`alpn_client_context(tls)`, a fresh build from the same `TlsClientConfig`
-(`Http2Upstreams(alpn_context=...)`).
+The TLS context that offers `h2` comes from `proxy.tls.client_context.http2_context`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import ssl
-import weakref
 from typing import Final, Protocol, cast
 
 import h2.config
@@ -43,27 +31,17 @@ import h2.settings
 from h2.events import Event
 from hyperframe.frame import Frame, GoAwayFrame
 
-from proxy.config import TlsClientConfig
 from proxy.datapath.timeouts import UPSTREAM_IDLE_TIMEOUT
 from proxy.datapath.upstream_connection import Origin
 from proxy.errors import BadRequest, ProxyError, UpstreamUnreachable
-from proxy.tls.client_context import client_ssl_context
 
-__all__ = [
-    "ALPN_PROTOCOLS",
-    "ConnectionTracker",
-    "Http2Connection",
-    "StreamEvents",
-    "alpn_client_context",
-    "derived_alpn_context",
-]
+__all__ = ["ConnectionTracker", "Http2Connection", "StreamEvents"]
 
 Headers = list[tuple[bytes, bytes]]
 
 STREAM_WINDOW: Final = 256 * 1024
 CONNECTION_WINDOW: Final = 8 * 1024 * 1024
 MAX_HEADER_LIST_SIZE: Final = 64 * 1024
-ALPN_PROTOCOLS: Final = ("h2", "http/1.1")
 # RFC 9113 §6.9.2: every connection starts with this window, raised by WINDOW_UPDATE.
 _INITIAL_WINDOW: Final = 65535
 # DATA of this size or more is written at once rather than with the turn's other frames.
@@ -101,41 +79,6 @@ class ConnectionTracker(Protocol):
 
     def learn_capacity(self, origin: Origin, max_streams: int) -> None:
         """A connection to `origin` was told SETTINGS_MAX_CONCURRENT_STREAMS."""
-
-
-_derived: weakref.WeakKeyDictionary[ssl.SSLContext, ssl.SSLContext] = weakref.WeakKeyDictionary()
-
-
-def derived_alpn_context(base: ssl.SSLContext) -> ssl.SSLContext:
-    """A context verifying as `base` does and offering h2; the same object per `base`."""
-    derived = _derived.get(base)
-    if derived is not None:
-        return derived
-    derived = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    derived.options = base.options
-    derived.minimum_version = base.minimum_version
-    derived.maximum_version = base.maximum_version
-    derived.verify_flags = base.verify_flags
-    derived.check_hostname = base.check_hostname
-    derived.verify_mode = base.verify_mode
-    authorities = base.get_ca_certs(binary_form=True)
-    if authorities:
-        derived.load_verify_locations(cadata=b"".join(authorities))
-    else:
-        # Nothing loaded yet: `base` trusts the system store through a directory whose
-        # certificates OpenSSL reads on demand (a configured `ca_file` is read at once).
-        derived.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    derived.set_alpn_protocols(list(ALPN_PROTOCOLS))
-    _derived[base] = derived
-    return derived
-
-
-@functools.lru_cache(maxsize=128)
-def alpn_client_context(tls: TlsClientConfig) -> ssl.SSLContext:
-    """A fresh context for `tls` (client certificate included) that offers h2."""
-    context = client_ssl_context.__wrapped__(tls)
-    context.set_alpn_protocols(list(ALPN_PROTOCOLS))
-    return context
 
 
 class _ClientH2Connection(h2.connection.H2Connection):

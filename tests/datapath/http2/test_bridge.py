@@ -25,6 +25,7 @@ import trustme
 
 from proxy.app import ProxyApp
 from proxy.config import DpopConfig, TlsClientConfig, TlsInterceptConfig
+from tests.support.certificates import client_certificate_files
 from tests.support.configs import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -365,6 +366,54 @@ async def test_required_http2_to_a_cleartext_http11_origin_is_502(
     assert answer["error"] == "upstream_unreachable"
     assert "HTTP/2 with prior knowledge" in answer["detail"]
     assert upstream.received == []  # the preface is no HTTP/1.1 request
+
+
+async def test_mutual_tls_to_an_origin_offering_h2_presents_the_client_certificate(
+    start_proxy: StartProxy,
+    token_server: TokenServer,
+    server_ca: trustme.CA,
+    server_ca_file: Path,
+    client_ca: trustme.CA,
+    tmp_path: Path,
+) -> None:
+    # `http2: auto` (the default) meets an origin that selects h2 and wants a client
+    # certificate: the HTTP/2 connection must present the same identity HTTP/1.1 would.
+    api = H2Api(alpn=("h2", "http/1.1"))
+    await api.start(server_ca, client_ca=client_ca)
+    try:
+        cert, key = client_certificate_files(client_ca, "order-service.clients.test", tmp_path)
+        url = f"https://localhost:{api.port}"
+        with_identity = TlsClientConfig(
+            ca_file=server_ca_file, client_cert_file=cert, client_key_file=key
+        )
+        token = token_config(token_server)
+        config = proxy_config(
+            upstream_config("inventory", [HOST], token, url=url, tls=with_identity),
+            upstream_config(
+                "anonymous",
+                ["anonymous.internal"],
+                token,
+                url=url,
+                tls=TlsClientConfig(ca_file=server_ca_file),
+            ),
+        )
+        app = await start_proxy(config)
+        async with httpx.AsyncClient(
+            proxy=f"http://127.0.0.1:{app.port}", trust_env=False
+        ) as client:
+            for _ in range(2):
+                response = await client.get(f"http://{HOST}/api/stock/1", timeout=WITHIN)
+                assert response.status_code == 200
+                seen = response.json()
+                assert seen["protocol"] == "h2"
+                assert token_server.is_valid(seen["authorization"].removeprefix("Bearer "))
+            # The origin refuses a TLS client without a certificate.
+            refused = await client.get("http://anonymous.internal/api/stock/1", timeout=WITHIN)
+            assert refused.status_code == 502
+            assert refused.json()["error"] == "upstream_unreachable"
+        assert len(api.received) == 2
+    finally:
+        await api.close()
 
 
 async def test_a_dpop_nonce_challenge_is_answered_over_h2(

@@ -21,10 +21,11 @@ from hyperframe.frame import GoAwayFrame
 from proxy.config import TlsClientConfig
 from proxy.datapath.http2 import upstream_connection
 from proxy.datapath.http2.upstream import Http2Upstreams, UpstreamStream
-from proxy.datapath.http2.upstream_connection import STREAM_WINDOW, derived_alpn_context
+from proxy.datapath.http2.upstream_connection import STREAM_WINDOW
 from proxy.datapath.upstream_connection import Origin
 from proxy.errors import UpstreamTimeout, UpstreamUnreachable
-from proxy.tls.client_context import client_ssl_context
+from proxy.tls.client_context import client_ssl_context, http2_context
+from tests.support.certificates import client_certificate_files
 from tests.support.grpc_server import GrpcServer, grpc_message, grpc_messages, request_headers
 from tests.support.upstream import Upstream
 from tests.support.waiting import eventually
@@ -632,15 +633,42 @@ async def test_send_data_waits_for_the_upstream_window(upstreams: Http2Upstreams
         assert len(server.peers[0].bodies[stream.stream_id]) == size
 
 
-async def test_alpn_context_is_derived_once_and_not_shared(
+async def test_the_h2_context_is_built_once_from_the_same_settings(
     client_context: ssl.SSLContext,
 ) -> None:
-    derived = derived_alpn_context(client_context)
-    assert derived is not client_context
-    assert derived_alpn_context(client_context) is derived
-    assert derived.verify_mode == ssl.CERT_REQUIRED
-    assert derived.check_hostname
-    assert derived.get_ca_certs() == client_context.get_ca_certs()
+    offering_h2 = http2_context(client_context)
+    assert offering_h2 is not client_context
+    assert http2_context(client_context) is offering_h2
+    assert offering_h2.verify_mode == ssl.CERT_REQUIRED
+    assert offering_h2.check_hostname
+    assert offering_h2.get_ca_certs() == client_context.get_ca_certs()
+    with pytest.raises(ValueError, match="client_ssl_context"):
+        http2_context(ssl.create_default_context())
+
+
+async def test_mutual_tls_over_h2_presents_the_client_certificate(
+    upstreams: Http2Upstreams,
+    ca: trustme.CA,
+    client_ca: trustme.CA,
+    client_context: ssl.SSLContext,
+    tmp_path: Path,
+) -> None:
+    cert, key = client_certificate_files(client_ca, "order-service.clients.test", tmp_path)
+    with_identity = client_ssl_context(
+        TlsClientConfig(ca_file=tmp_path / "ca.pem", client_cert_file=cert, client_key_file=key)
+    )
+    with GrpcServer(ca=ca, client_ca=client_ca) as server:
+        origin = Origin("https", "127.0.0.1", server.port, with_identity)
+        _, _, messages, trailers = await unary(
+            upstreams, origin, "Authorization", b"", [(b"authorization", TOKEN)]
+        )
+        assert messages == [TOKEN]
+        assert trailers[b"grpc-status"] == b"0"
+        # The same server refuses a client without a certificate.
+        anonymous = Origin("https", "127.0.0.1", server.port, client_context)
+        with pytest.raises(UpstreamUnreachable):
+            await unary(upstreams, anonymous, "Authorization", b"", [(b"authorization", TOKEN)])
+    assert len(server.calls) == 1
 
 
 async def test_oversized_response_head_is_refused(upstreams: Http2Upstreams) -> None:
