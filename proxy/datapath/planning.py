@@ -159,7 +159,7 @@ class Planners:
                 "allow_insecure_http: true if the network is trusted",
                 upstream=route.name,
             )
-        origin = _origin_of(target, route)
+        origin = origin_for(route, target)
         return Plan(route, origin, target.authority.encode("ascii"), target.path, runtime.via)
 
 
@@ -178,6 +178,14 @@ def link_local_refusal(target: str) -> HostNotAllowed:
         f"{target} is a link-local or cloud metadata address, which requests no upstream "
         f"matches may not reach (set {LINK_LOCAL_SETTING}: true to allow it)"
     )
+
+
+def origin_for(route: Route, target: Target) -> Origin:
+    """Where `route` sends a request for `target`: its `url`'s origin, or else the target
+    itself over the upstream's own TLS settings."""
+    if route.origin is not None:
+        return route.origin
+    return _origin_of(target, route)
 
 
 def _origin_of(target: Target, route: Route | None = None) -> Origin:

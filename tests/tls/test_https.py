@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import pytest
 import requests
 import trustme
@@ -346,6 +347,23 @@ async def test_aiohttp_sees_a_leaf_for_the_host_that_chains_to_the_local_ca(
         assert not leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
         lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
         assert lifetime <= datetime.timedelta(hours=25)  # short-lived
+
+
+async def test_h2_is_offered_after_asking_the_origin_with_the_upstream_s_settings(
+    start_intercepting: StartIntercepting,
+    https_upstream: Upstream,
+    https_token_server: TokenServer,
+) -> None:
+    # The upstream claims /api only and trusts a private CA; its origin speaks HTTP/1.1
+    # only. A client that prefers h2 must get http/1.1, and its requests must work.
+    proxy = await start_intercepting(path_prefix="/api")
+    async with httpx.AsyncClient(
+        proxy=proxy.url, verify=proxy.client_context(), http2=True, trust_env=False
+    ) as client:
+        response = await client.get(f"https://localhost:{https_upstream.port}/api/items")
+    assert response.status_code == 200
+    assert response.http_version == "HTTP/1.1"
+    assert https_upstream.last().header("Authorization") == bearer(https_token_server)
 
 
 @pytest.mark.parametrize("client", ["aiohttp", "curl"])

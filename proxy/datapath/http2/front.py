@@ -19,11 +19,10 @@ from proxy.datapath.client_connection import ClientConnection, ConnectionOwner
 from proxy.datapath.http2.guards import PREFACE
 from proxy.datapath.http2.server import Http2ServerConnection
 from proxy.datapath.http2.upstream import Http2Upstreams
-from proxy.datapath.messages import RequestHead
 from proxy.datapath.outcomes import Outcomes
-from proxy.datapath.planning import Planners
+from proxy.datapath.planning import Planners, origin_for
+from proxy.datapath.routing import Target
 from proxy.datapath.runtime import RuntimeHolder
-from proxy.datapath.timeouts import PASSTHROUGH_CONNECT_TIMEOUT
 from proxy.errors import ProxyError
 from proxy.ops.metrics import Metrics
 
@@ -55,32 +54,39 @@ class Http2Front:
     async def upstream_speaks_h2(self, host: str, port: int) -> bool:
         """Whether a client intercepted on its way to `host:port` may be offered h2.
 
-        Its streams go to the upstream in HTTP/2, so not with the upstream's `http2: off`,
-        always with `http2: required`, and with `auto` not when that upstream is known not
-        to speak it: a TLS origin that did not select h2 in ALPN (asked here once, then
-        remembered by `Http2Upstreams`; the connection opened to ask is the first one
-        the streams use), or a cleartext one. An upstream that cannot be reached at all
-        is no reason to refuse h2: its clients get the proxy's answer in either version.
+        One TLS session carries every request of the tunnel, whichever upstream claims
+        its path and method, and its streams go to their upstreams in HTTP/2. So h2 is
+        offered only if every upstream that claims `host:port` speaks it: none with
+        `http2: off`; with `auto`, an origin (its `url`, or the host itself, asked with
+        the upstream's own TLS settings) that selects h2 in ALPN, asked here once and
+        then remembered by `Http2Upstreams` (the connection opened to ask is the first
+        one the streams use). An origin that cannot be reached at all, or whose requests
+        are refused anyway (a cleartext `url`), is no reason to refuse h2: its clients
+        get the proxy's answer in either version.
         """
-        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        probe = RequestHead("GET", b"/", "1.1", [], True, hosts=(authority.encode("ascii"),))
-        try:
-            plan = self.planners.plan_tunnelled("https", host, port, probe)
-        except ProxyError:
-            return True  # refused either way: in the version the client prefers
-        origin = plan.origin
-        route = plan.route
-        mode = route.config.http2 if route is not None else "auto"
-        if mode != "auto":
-            return mode == "required"
-        if origin.ssl is None:
-            return False
-        timeout = route.config.connect_timeout if route is not None else PASSTHROUGH_CONNECT_TIMEOUT
-        try:
-            connection = await self.upstreams.connect(origin, connect_timeout=timeout)
-        except ProxyError:
-            return True
-        return connection is not None
+        runtime = self._holder.current
+        claimants = runtime.router.claimants(host, port)
+        if not claimants:
+            return False  # no longer intercepted (a reload): HTTP/1.1 goes anywhere
+        target = Target("https", host, port, b"/")
+        for upstream in claimants:
+            if upstream.http2 != "auto":
+                if upstream.http2 == "off":
+                    return False
+                continue
+            route = runtime.routes[upstream.name]
+            origin = origin_for(route, target)
+            if origin.ssl is None:
+                continue
+            try:
+                connection = await self.upstreams.connect(
+                    origin, connect_timeout=upstream.connect_timeout
+                )
+            except ProxyError:
+                continue
+            if connection is None:
+                return False
+        return True
 
     def serves_h2c(self, upstream_name: str) -> bool:
         """Whether `upstream_name`'s `listen` port takes h2c now (not with `http2: off`)."""

@@ -213,6 +213,51 @@ async def test_intercepted_http11_client_reaches_an_h2_only_origin(
     assert len(h2_only.received) == 2
 
 
+@pytest.mark.parametrize(("legacy_http2", "version"), [("auto", "HTTP/2"), ("off", "HTTP/1.1")])
+async def test_interception_offers_h2_when_every_upstream_of_the_host_speaks_it(
+    legacy_http2: str,
+    version: str,
+    start_proxy: StartProxy,
+    token_server: TokenServer,
+    server_ca: trustme.CA,
+    server_ca_file: Path,
+    tmp_path: Path,
+) -> None:
+    # Two upstreams share the host, each claiming a path; neither claims `/`. One TLS
+    # session carries both: h2 is offered when both would send in HTTP/2.
+    api = await _api(server_ca, alpn=("h2", "http/1.1"))
+    try:
+        ca_file = tmp_path / "token-proxy-ca.pem"
+        host = f"localhost:{api.port}"
+        tls = TlsClientConfig(ca_file=server_ca_file)
+        token = token_config(token_server)
+        app = await start_proxy(
+            proxy_config(
+                upstream_config("inventory", [host], token, tls=tls, path_prefix="/api"),
+                upstream_config(
+                    "legacy", [host], token, tls=tls, path_prefix="/legacy", http2=legacy_http2
+                ),
+                connect_ports=(api.port,),
+                tls_intercept=TlsInterceptConfig(write_ca_cert_to=ca_file),
+            )
+        )
+        trusting = ssl.create_default_context(cafile=str(ca_file))
+        async with httpx.AsyncClient(
+            proxy=f"http://127.0.0.1:{app.port}", verify=trusting, http2=True, trust_env=False
+        ) as client:
+            for path in ("/api/stock/1", "/legacy/stock/1"):
+                response = await client.get(f"https://{host}{path}", timeout=WITHIN)
+                assert response.status_code == 200
+                assert response.http_version == version
+                assert token_server.is_valid(
+                    response.json()["authorization"].removeprefix("Bearer ")
+                )
+        protocol = "h2" if legacy_http2 == "auto" else "http/1.1"
+        assert [request.protocol for request in api.received][-1] == protocol
+    finally:
+        await api.close()
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize()
