@@ -144,7 +144,7 @@ def relay(config: ProxyConfig, provider: Any, mode: str, requests: int, token: s
     route = holder.current.routes["inventory"]
     assert route.origin is not None
     # One warm keep-alive connection, put into the pool as a finished exchange would.
-    upstream_conn = UpstreamConnection(pool, route.origin, 60.0)
+    upstream_conn = UpstreamConnection(pool, route.origin)
     upstream_transport = MemoryTransport()
     upstream_conn.connection_made(upstream_transport)
     upstream_conn.exchanges = 1

@@ -29,7 +29,7 @@ from typing import Final
 from proxy.datapath.context import RequestContext
 from proxy.datapath.messages import ResponseHead, field_values, frame_response
 from proxy.datapath.upstream_connection import Exchange
-from proxy.errors import ProxyError, UpstreamUnreachable
+from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from proxy.tokens.dpop import asks_for_nonce
 
 # Methods whose request may be sent twice (RFC 9110 §9.2.2).
@@ -98,8 +98,11 @@ def switched_unasked() -> ProxyError:
     return UpstreamUnreachable("the upstream switched protocols unasked")
 
 
-def on_failure(ctx: RequestContext, exchange: Exchange, head_sent: bool) -> int:
-    """What a failed `exchange` means, `head_sent` telling whether the client has the head."""
+def on_failure(
+    ctx: RequestContext, exchange: Exchange, head_sent: bool, error: ProxyError | None = None
+) -> int:
+    """What a failed `exchange` means, `head_sent` telling whether the client has the head
+    and `error` (when known) why it failed."""
     if ctx.conn.closed:
         return CLIENT_GONE
     if head_sent:
@@ -109,6 +112,10 @@ def on_failure(ctx: RequestContext, exchange: Exchange, head_sent: bool) -> int:
         and not exchange.received_any
         and ctx.body is None
         and ctx.head.method in IDEMPOTENT
+        # A stale keep-alive connection shows itself at once (closed or reset before any
+        # answer); silence until the timeout is a slow upstream, which a second try
+        # would only load more, and the client would wait twice as long.
+        and not isinstance(error, UpstreamTimeout)
     ):
         return RETRY_ON_FRESH_CONNECTION
     return ANSWER_ERROR

@@ -148,7 +148,7 @@ class FastExchange(Exchange):
         conn = ctx.conn
         conn.on_resume_writing = None
         self.pool.discard(self.upconn)
-        how = on_failure(ctx, self, self.head_sent)
+        how = on_failure(ctx, self, self.head_sent, error)
         if how == ANSWER_ERROR:
             conn.fast_done(self.outcomes.refuse(ctx, error))
         elif how == CUT_SHORT:

@@ -62,11 +62,7 @@ from proxy.datapath.outcomes import Outcomes, write_interim
 from proxy.datapath.planning import Plan, Planner, Planners, link_local_refusal
 from proxy.datapath.replay import KeptBody, SendAgain, note_nonce_replay, sent_whole, take_new_token
 from proxy.datapath.request_body import RequestBody
-from proxy.datapath.runtime import Route, RuntimeHolder
-from proxy.datapath.timeouts import (
-    PASSTHROUGH_CONNECT_TIMEOUT,
-    PASSTHROUGH_TIMEOUT,
-)
+from proxy.datapath.runtime import Route, RuntimeHolder, upstream_timeouts
 from proxy.datapath.tunnel import TunnelHandler, splice
 from proxy.datapath.upstream_connection import AwaitedExchange, UpstreamConnection
 from proxy.datapath.upstream_pool import UpstreamPool
@@ -201,7 +197,7 @@ class Forwarder:
         ctx.token = token
         request_head = self._request_head(ctx, plan)
         exchange = FastExchange(ctx, upconn, self.pool, self._outcomes, self)
-        upconn.begin(exchange, request_head, now)
+        upconn.begin(exchange, request_head, now, upstream_timeouts(route)[1])
         return True
 
     def finish_slowly(self, ctx: RequestContext, how: int) -> None:
@@ -309,7 +305,12 @@ class Forwarder:
         exchange = AwaitedExchange(self._loop, head.method == "HEAD")
         if head.version == "1.1":
             exchange.interim_writer = partial(write_interim, conn, plan.via)
-        upconn.begin(exchange, self._request_head(ctx, plan), self._loop.time())
+        upconn.begin(
+            exchange,
+            self._request_head(ctx, plan),
+            self._loop.time(),
+            upstream_timeouts(plan.route)[1],
+        )
         body_task: asyncio.Task[None] | None = None
         if body is not None:
             source = kept if ctx.replayed else body
@@ -317,11 +318,11 @@ class Forwarder:
             body_task.add_done_callback(partial(_abandon_on_body_error, exchange, upconn))
         try:
             response = await exchange.head
-        except ProxyError:
+        except ProxyError as error:
             if body_task is not None:
                 body_task.cancel()
             self.pool.discard(upconn)
-            how = on_failure(ctx, exchange, False)
+            how = on_failure(ctx, exchange, False, error)
             if how == RETRY_ON_FRESH_CONNECTION:
                 raise SendAgain(how) from None
             if how == CLIENT_GONE:
@@ -358,13 +359,8 @@ class Forwarder:
         conn = None if fresh else self.pool.take_idle(plan.origin)
         if conn is not None:
             return conn
-        if plan.route is not None:
-            config = plan.route.config
-            connect_timeout, timeout = config.connect_timeout, config.timeout
-        else:
-            connect_timeout, timeout = PASSTHROUGH_CONNECT_TIMEOUT, PASSTHROUGH_TIMEOUT
         conn = await self.pool.connect(
-            plan.origin, connect_timeout=connect_timeout, read_timeout=timeout
+            plan.origin, connect_timeout=upstream_timeouts(plan.route)[0]
         )
         if plan.guard_peer and conn.transport is not None:
             peer = conn.transport.get_extra_info("peername")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from proxy.config import ProxyConfig, UpstreamConfig
 from proxy.datapath.injector import Injector
 from proxy.datapath.routing import Router
+from proxy.datapath.timeouts import PASSTHROUGH_CONNECT_TIMEOUT, PASSTHROUGH_TIMEOUT
 from proxy.datapath.upstream_connection import Origin
 from proxy.tls.client_context import client_ssl_context
 from proxy.tokens import TokenProvider
@@ -36,6 +37,18 @@ class Route:
     host_header: bytes | None
     # config.purge_on_status: answers with these statuses drop the token they refused.
     purge_on_status: frozenset[int]
+    # config.connect_timeout and config.timeout, read for every request (native).
+    connect_timeout: float
+    timeout: float
+
+
+def upstream_timeouts(route: Route | None) -> tuple[float, float]:
+    """How long a request for `route` may take to connect, and then wait in silence for
+    the upstream (`connect_timeout`, `timeout`); the proxy's own for a host no upstream
+    matches. Read per request: a reload changes them for connections already open."""
+    if route is None:
+        return PASSTHROUGH_CONNECT_TIMEOUT, PASSTHROUGH_TIMEOUT
+    return route.connect_timeout, route.timeout
 
 
 def build_route(upstream: UpstreamConfig, provider: TokenProvider) -> Route:
@@ -55,6 +68,8 @@ def build_route(upstream: UpstreamConfig, provider: TokenProvider) -> Route:
         origin=origin,
         host_header=host_header,
         purge_on_status=frozenset(upstream.purge_on_status),
+        connect_timeout=upstream.connect_timeout,
+        timeout=upstream.timeout,
     )
 
 

@@ -178,11 +178,11 @@ class UpstreamConnection(FlowControlledProtocol):
     must not be reused, which any stage (and the forwarder) may reach.
     """
 
-    def __init__(self, pool: ConnectionTracker, origin: Origin, timeout: float) -> None:
+    def __init__(self, pool: ConnectionTracker, origin: Origin) -> None:
         super().__init__()
         self._pool = pool
         self.origin = origin
-        self.timeout = timeout
+        self.timeout = 0.0  # the current exchange's (`begin`): upstreams sharing it differ
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpResponseParser(self)
         self.exchange: Exchange | None = None
@@ -345,9 +345,11 @@ class UpstreamConnection(FlowControlledProtocol):
 
     # -- for the forwarder ---------------------------------------------------
 
-    def begin(self, exchange: Exchange, head: bytes, now: float) -> None:
-        """Start `exchange` by sending its request `head` (at loop time `now`)."""
+    def begin(self, exchange: Exchange, head: bytes, now: float, timeout: float) -> None:
+        """Start `exchange` by sending its request `head` (at loop time `now`); it fails
+        once the upstream stays silent for `timeout` seconds."""
         assert self.transport is not None
+        self.timeout = timeout
         self.exchange = exchange
         exchange.reused = self.exchanges > 0
         self.exchanges += 1

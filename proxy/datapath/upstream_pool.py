@@ -37,15 +37,13 @@ class UpstreamPool:
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
 
-    async def connect(
-        self, origin: Origin, *, connect_timeout: float, read_timeout: float
-    ) -> UpstreamConnection:
+    async def connect(self, origin: Origin, *, connect_timeout: float) -> UpstreamConnection:
         """A new connection to `origin`; errors map to 502/504."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(connect_timeout):
                 _, protocol = await loop.create_connection(
-                    lambda: UpstreamConnection(self, origin, read_timeout),
+                    lambda: UpstreamConnection(self, origin),
                     origin.host,
                     origin.port,
                     ssl=origin.ssl,

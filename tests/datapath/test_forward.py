@@ -261,6 +261,60 @@ async def test_upstream_silence_is_504(
     assert json.loads(body)["error"] == "upstream_timeout"
 
 
+async def test_silence_on_a_reused_connection_is_not_sent_again(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    # A stale keep-alive connection is retried on a fresh one; a slow upstream is not:
+    # a second try would double its load and the client's wait.
+    app = await start_inventory(start_proxy, token_server, upstream, timeout=0.5)
+    status, _, _ = await get(app, "http://inventory.internal/first")
+    assert status == 200
+    status, _, body = await get(app, "http://inventory.internal/slow/once")
+    upstream.release.set()
+    assert status == 504
+    assert json.loads(body)["error"] == "upstream_timeout"
+    assert [seen.path for seen in upstream.received] == ["/first", "/slow/once"]
+    assert upstream.received[1].peer == upstream.received[0].peer  # it was reused
+
+
+async def test_each_request_waits_as_long_as_its_own_upstream_allows(
+    start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
+) -> None:
+    # Two upstreams send to one origin, so they share its keep-alive connections; the
+    # timeout that applies is the request's upstream's, not the one that opened them.
+    token = token_config(token_server)
+    app = await start_proxy(
+        proxy_config(
+            upstream_config("quick", ["quick.internal"], token, url=upstream.url, timeout=0.5),
+            upstream_config("patient", ["patient.internal"], token, url=upstream.url, timeout=30.0),
+        )
+    )
+    status, _, _ = await get(app, "http://quick.internal/first")
+    assert status == 200  # its connection now waits in the pool
+    patient = asyncio.create_task(get(app, "http://patient.internal/slow/patient"))
+    try:
+
+        async def arrived() -> bool:
+            return len(upstream.received) == 2
+
+        await eventually(arrived)
+        assert upstream.received[1].peer == upstream.received[0].peer  # the same connection
+        # A quick request sent after it times out: the patient one has waited longer.
+        status, _, body = await get(app, "http://quick.internal/slow/quick")
+        assert status == 504
+        assert json.loads(body)["upstream"] == "quick"
+        assert not patient.done()
+        upstream.release.set()
+        status, _, body = await patient
+        assert (status, body) == (200, b"finally")
+        paths = [seen.path for seen in upstream.received]
+        assert paths == ["/first", "/slow/patient", "/slow/quick"]  # each sent once
+    finally:
+        upstream.release.set()
+        if not patient.done():
+            patient.cancel()
+
+
 async def test_token_unavailable_is_503_with_retry_after(
     start_proxy: StartProxy, token_server: TokenServer, upstream: Upstream
 ) -> None:

@@ -47,8 +47,7 @@ from proxy.datapath.http2 import grpc
 from proxy.datapath.injector import DPOP_TOKEN, NO_CREDENTIAL, may_carry_credential
 from proxy.datapath.messages import Headers, RequestHead, ResponseHead
 from proxy.datapath.replay import KeptBody, note_nonce_replay, sent_whole, take_new_token
-from proxy.datapath.runtime import Route
-from proxy.datapath.timeouts import PASSTHROUGH_CONNECT_TIMEOUT, PASSTHROUGH_TIMEOUT
+from proxy.datapath.runtime import Route, upstream_timeouts
 from proxy.errors import BadRequest, HeadersTooLarge, ProxyError, TokenUnavailable, error_body
 from proxy.ops.metrics import UNMATCHED
 
@@ -321,10 +320,7 @@ class StreamRelay:
                     return
         ctx.token = token
         origin = plan.origin
-        if route is not None:
-            connect_timeout, timeout = route.config.connect_timeout, route.config.timeout
-        else:
-            connect_timeout, timeout = PASSTHROUGH_CONNECT_TIMEOUT, PASSTHROUGH_TIMEOUT
+        connect_timeout, timeout = upstream_timeouts(route)
         # The request ended with its head: no body, no trailers.
         inbound = self._inbound
         whole = (
