@@ -110,9 +110,12 @@ def percent_encode(message: str) -> bytes:
 
 def trailers_only(error: ProxyError) -> Headers:
     """The one HEADERS block (sent with END_STREAM) that answers a gRPC call with `error`."""
+    return [(b":status", b"200"), (b"content-type", GRPC_CONTENT_TYPE), *trailers(error)]
+
+
+def trailers(error: ProxyError) -> Headers:
+    """The trailers that end a gRPC call with `error` after its response head went out."""
     return [
-        (b":status", b"200"),
-        (b"content-type", GRPC_CONTENT_TYPE),
         (GRPC_STATUS, b"%d" % status_for(error)),
         (GRPC_MESSAGE, percent_encode(f"token-proxy: {error.code}: {error.detail}")),
     ]

@@ -74,6 +74,7 @@ class Http2ServerConnection(asyncio.Protocol):
         self.planner = planner
         limits = handle.listener.limits
         self.max_headers = limits.max_headers
+        self.max_body_size = limits.max_body_size
         self._idle_timeout = limits.idle_timeout
         self._header_timeout = limits.header_timeout
         self._loop = asyncio.get_running_loop()

@@ -48,7 +48,14 @@ from proxy.datapath.injector import DPOP_TOKEN, NO_CREDENTIAL, may_carry_credent
 from proxy.datapath.messages import Headers, RequestHead, ResponseHead
 from proxy.datapath.replay import KeptBody, note_nonce_replay, sent_whole, take_new_token
 from proxy.datapath.runtime import Route, upstream_timeouts
-from proxy.errors import BadRequest, HeadersTooLarge, ProxyError, TokenUnavailable, error_body
+from proxy.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    ProxyError,
+    RequestTooLarge,
+    TokenUnavailable,
+    error_body,
+)
 from proxy.ops.metrics import UNMATCHED
 
 if TYPE_CHECKING:
@@ -82,6 +89,11 @@ INTERNAL_ERROR: Final = 0x2
 CANCEL: Final = 0x8
 # The head of a request refused before its header list could be read.
 _UNREADABLE: Final = RequestHead("-", b"-", "2", [], True)
+
+
+def _too_large(limit: int, route: Route | None) -> RequestTooLarge:
+    upstream = route.name if route is not None else None
+    return RequestTooLarge(f"request body larger than {limit} bytes", upstream=upstream)
 
 
 class StreamGone(Exception):
@@ -224,6 +236,9 @@ class StreamRelay:
         self._upstream: UpstreamStream | None = None
         self._finished = False  # the upstream stream ended, or was never opened
         self._kept_trailers: Headers | None = None  # the request's, for a replay
+        self._received = 0  # body bytes the client sent
+        # Set once the body passed `limits.max_body_size`: what the stream is answered.
+        self._too_large: RequestTooLarge | None = None
 
     # -- from the connection (h2 events) -------------------------------------------------
 
@@ -231,6 +246,20 @@ class StreamRelay:
         self.task = self._loop.create_task(self._run())
 
     def data_received(self, data: bytes, flow_controlled: int) -> None:
+        if self._too_large is not None:
+            self._inbound.append((b"", flow_controlled))  # dropped, its window given back
+            return
+        limit = self.conn.max_body_size
+        self._received += len(data)
+        if limit is not None and self._received > limit:
+            # Nothing past the limit goes upstream: the upload resets the upstream's
+            # stream (it never gets a whole request), and the client is answered 413.
+            ctx = self._ctx
+            route = ctx.plan.route if ctx is not None and ctx.plan is not None else None
+            self._too_large = _too_large(limit, route)
+            self._inbound.append((b"", flow_controlled))
+            self._wake_upload()
+            return
         self._inbound.append((data, flow_controlled))
         self._wake_upload()
 
@@ -299,8 +328,13 @@ class StreamRelay:
             self._ctx = RequestContext(conn.handle, _UNREADABLE, None, None, 0.0)
             await self._refuse(error)
             return
+        limit = conn.max_body_size
+        declared = head.content_length
         try:
             plan = conn.planner(head)
+            if limit is not None and declared is not None and declared > limit:
+                # Refused before anything goes upstream (RFC 9110 §15.5.14), as on HTTP/1.1.
+                raise _too_large(limit, plan.route)
         except ProxyError as error:
             self._ctx = RequestContext(conn.handle, head, None, None, 0.0)
             self._ctx.label = error.upstream or UNMATCHED
@@ -319,6 +353,9 @@ class StreamRelay:
                     await self._refuse(error)
                     return
         ctx.token = token
+        if self._too_large is not None:  # while the token was awaited
+            await self._refuse(self._too_large)
+            return
         origin = plan.origin
         connect_timeout, timeout = upstream_timeouts(route)
         # The request ended with its head: no body, no trailers.
@@ -359,18 +396,20 @@ class StreamRelay:
                     await take_new_token(ctx, front.metrics)
                 else:
                     note_nonce_replay(ctx, front.metrics)
-        except ProxyError as error:
+        except ProxyError as raised:
             if upload is not None:
                 upload.cancel()
             self._finished = True
-            if isinstance(error, TokenUnavailable):
+            # A body grown too large: the upload reset the upstream's stream for it.
+            failure = self._too_large or raised
+            if isinstance(failure, TokenUnavailable):
                 front.metrics.token_unavailable.labels(upstream=ctx.label).inc()
             reset_code = self._upstream.reset_code if self._upstream is not None else None
             if reset_code is None:
-                await self._refuse(error)
+                await self._refuse(failure)
                 return
             # The upstream reset the stream before answering: so is the client's.
-            front.outcomes.record(ctx, error.status, None)
+            front.outcomes.record(ctx, failure.status, None)
             self.head_sent = True
             conn.reset_stream(self.stream_id, reset_code)
             return
@@ -430,6 +469,8 @@ class StreamRelay:
                     finally:
                         self._inbound_waiter = None
                     continue
+                if self._too_large is not None:
+                    raise self._too_large
                 item = inbound.popleft()
                 if isinstance(item, _RequestEnd):
                     self._kept_trailers = item.trailers
@@ -472,9 +513,16 @@ class StreamRelay:
                 ctx.bytes_out += len(data)
                 await conn.send_data(self.stream_id, data)
         except ProxyError:
+            self._finished = True
+            too_large = self._too_large
+            if too_large is not None and self.grpc:
+                # The upload stopped the call: gRPC still reads a status from trailers.
+                upstream.reset(CANCEL)
+                self._grpc_outcome(ctx, grpc.status_for(too_large))
+                conn.send_headers(self.stream_id, grpc.trailers(too_large), end_stream=True)
+                return
             # Too late for an answer: the client's stream is reset, with the upstream's
             # code if the upstream reset its stream.
-            self._finished = True
             reset_code = upstream.reset_code
             if reset_code is None:
                 upstream.reset(CANCEL)

@@ -166,3 +166,44 @@ async def test_too_many_header_fields_are_refused(start_reverse_grpc: StartGrpcP
         )
     assert response.status_code == 431
     assert json.loads(response.content)["detail"] == "too many request headers"
+
+
+async def test_a_body_past_max_body_size_is_refused_and_never_reaches_the_upstream_whole(
+    start_reverse_grpc: StartGrpcProxy, plain_grpc_server: GrpcServer
+) -> None:
+    # gRPC sends no content-length: the body is counted as it arrives.
+    proxy = await start_reverse_grpc(limits=LimitsConfig(max_body_size=16 * 1024))
+    channel = proxy.channel()
+    try:
+        unary = channel.unary_unary(method("Unary"))
+        assert await in_thread(lambda: unary(b"small", timeout=CALL_TIMEOUT)) == b"small"
+        with pytest.raises(grpc.RpcError) as failure:
+            await in_thread(lambda: unary(b"x" * (64 * 1024), timeout=CALL_TIMEOUT))
+        assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "request body larger than 16384 bytes" in failure.value.details()
+        client_stream = channel.stream_unary(method("ClientStream"))
+        messages = [bytes([index]) * 1000 for index in range(50)]
+        with pytest.raises(grpc.RpcError) as failure:
+            await in_thread(lambda: client_stream(iter(messages), timeout=CALL_TIMEOUT))
+        assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        channel.close()
+    # The large unary call never reached the server whole: it was never answered there.
+    assert [call.method for call in plain_grpc_server.calls if call.method == "Unary"] == ["Unary"]
+    assert grpc_count(proxy, 8) == 2
+    # The unary call was refused before its answer began; the streaming one after.
+    assert proxy.metric("token_proxy_requests_total", upstream="inventory", code="413") >= 1
+
+
+async def test_a_declared_content_length_past_max_body_size_is_413_at_once(
+    start_reverse_grpc: StartGrpcProxy, token_server: TokenServer
+) -> None:
+    proxy = await start_reverse_grpc(limits=LimitsConfig(max_body_size=1024))
+    async with httpx.AsyncClient(http1=False, http2=True, trust_env=False) as client:
+        response = await client.post(
+            f"http://{proxy.target}/api/stock", content=b"x" * 4096, timeout=CALL_TIMEOUT
+        )
+    assert response.http_version == "HTTP/2"
+    assert response.status_code == 413
+    assert json.loads(response.content)["detail"] == "request body larger than 1024 bytes"
+    assert proxy.metric("token_proxy_requests_total", upstream="inventory", code="413") == 1
