@@ -128,7 +128,7 @@ class Http2ServerConnection(asyncio.Protocol):
         except h2.exceptions.ProtocolError as error:
             # h2 has queued its GOAWAY (PROTOCOL_ERROR, ENHANCE_YOUR_CALM for an
             # oversized header list, ...): send it, then close.
-            log.debug("HTTP/2 protocol error from %s: %s", self.handle.peer, error)
+            log.debug("HTTP/2 protocol error from %s: %s", self.handle.peer, _without_quotes(error))
             self._close(linger=True)
             return
         for event in events:
@@ -425,3 +425,12 @@ class Http2ServerConnection(asyncio.Protocol):
                 self._close()
                 return
         self._ticker = self._loop.call_later(CLIENT_SWEEP_INTERVAL, self._tick)
+
+
+def _without_quotes(error: Exception) -> str:
+    """h2's message cut before the first bytes it quotes: a field value it quotes may be
+    a credential (an `authorization` with a stray space, say)."""
+    text = str(error)
+    for quote in ("b'", 'b"'):
+        text = text.split(quote, 1)[0]
+    return text.rstrip(": ") or type(error).__name__

@@ -4,6 +4,8 @@ client asked for too much) and closes, and nothing reaches the upstream."""
 
 from __future__ import annotations
 
+import logging
+
 import hpack
 import pytest
 from hyperframe.frame import (
@@ -123,3 +125,32 @@ async def test_resets_of_unknown_streams_count_too(proxy: GrpcProxy) -> None:
     # Counted before h2 reads them (ENHANCE_YOUR_CALM); h2 would refuse the first one
     # anyway, a reset of a stream never opened being a connection error (RFC 9113 §6.4).
     assert goaway.error_code in (ENHANCE_YOUR_CALM, PROTOCOL_ERROR)
+
+
+@pytest.mark.parametrize("value", [b" Bearer the-clients-secret", b"Bearer the-clients-secret\x00"])
+async def test_a_malformed_field_value_is_refused_without_being_logged(
+    proxy: GrpcProxy, plain_grpc_server: GrpcServer, caplog: pytest.LogCaptureFixture, value: bytes
+) -> None:
+    # h2 quotes the offending value in its error; that value may be a credential.
+    caplog.set_level(logging.DEBUG, logger="token_proxy")
+    client = await RawH2.open(port_of(proxy))
+    block = hpack.Encoder().encode(
+        [
+            (b":method", b"GET"),
+            (b":scheme", b"http"),
+            (b":authority", b"inventory.internal"),
+            (b":path", b"/"),
+            (b"authorization", value),
+        ]
+    )
+    client.write_frames(HeadersFrame(1, block, flags=["END_HEADERS", "END_STREAM"]))
+    try:
+        received = await client.until_closed(CLOSE_WITHIN)
+    finally:
+        await client.close()
+    goaway = received.goaway()
+    assert goaway is not None
+    assert goaway.error_code == PROTOCOL_ERROR
+    assert "HTTP/2 protocol error" in caplog.text
+    assert "the-clients-secret" not in caplog.text
+    assert plain_grpc_server.calls == []
