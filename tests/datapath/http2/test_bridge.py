@@ -24,7 +24,7 @@ import requests
 import trustme
 
 from proxy.app import ProxyApp
-from proxy.config import DpopConfig, TlsClientConfig, TlsInterceptConfig
+from proxy.config import DpopConfig, TlsClientConfig, TlsInterceptConfig, UpstreamConfig
 from tests.support.certificates import client_certificate_files
 from tests.support.configs import (
     CLIENT_ID,
@@ -56,6 +56,22 @@ async def h2_only(server_ca: trustme.CA) -> AsyncIterator[H2Api]:
     api = await _api(server_ca)
     yield api
     await api.close()
+
+
+async def _intercepting(
+    start_proxy: StartProxy, directory: Path, port: int, *upstreams: UpstreamConfig
+) -> tuple[ProxyApp, ssl.SSLContext]:
+    """A proxy intercepting CONNECTs to `port` for `upstreams`, and a client context
+    trusting its CA."""
+    ca_file = directory / "token-proxy-ca.pem"
+    app = await start_proxy(
+        proxy_config(
+            *upstreams,
+            connect_ports=(port,),
+            tls_intercept=TlsInterceptConfig(write_ca_cert_to=ca_file),
+        )
+    )
+    return app, ssl.create_default_context(cafile=str(ca_file))
 
 
 @pytest.fixture
@@ -180,21 +196,13 @@ async def test_intercepted_http11_client_reaches_an_h2_only_origin(
     server_ca_file: Path,
     tmp_path: Path,
 ) -> None:
-    ca_file = tmp_path / "token-proxy-ca.pem"
     inventory = upstream_config(
         "inventory",
         [f"localhost:{h2_only.port}"],
         token_config(token_server),
         tls=TlsClientConfig(ca_file=server_ca_file),
     )
-    app = await start_proxy(
-        proxy_config(
-            inventory,
-            connect_ports=(h2_only.port,),
-            tls_intercept=TlsInterceptConfig(write_ca_cert_to=ca_file),
-        )
-    )
-    trusting = ssl.create_default_context(cafile=str(ca_file))
+    app, trusting = await _intercepting(start_proxy, tmp_path, h2_only.port, inventory)
     async with httpx.AsyncClient(
         proxy=f"http://127.0.0.1:{app.port}", verify=trusting, http2=False, trust_env=False
     ) as client:
@@ -227,21 +235,18 @@ async def test_interception_offers_h2_when_every_upstream_of_the_host_speaks_it(
     # session carries both: h2 is offered when both would send in HTTP/2.
     api = await _api(server_ca, alpn=("h2", "http/1.1"))
     try:
-        ca_file = tmp_path / "token-proxy-ca.pem"
         host = f"localhost:{api.port}"
         tls = TlsClientConfig(ca_file=server_ca_file)
         token = token_config(token_server)
-        app = await start_proxy(
-            proxy_config(
-                upstream_config("inventory", [host], token, tls=tls, path_prefix="/api"),
-                upstream_config(
-                    "legacy", [host], token, tls=tls, path_prefix="/legacy", http2=legacy_http2
-                ),
-                connect_ports=(api.port,),
-                tls_intercept=TlsInterceptConfig(write_ca_cert_to=ca_file),
-            )
+        app, trusting = await _intercepting(
+            start_proxy,
+            tmp_path,
+            api.port,
+            upstream_config("inventory", [host], token, tls=tls, path_prefix="/api"),
+            upstream_config(
+                "legacy", [host], token, tls=tls, path_prefix="/legacy", http2=legacy_http2
+            ),
         )
-        trusting = ssl.create_default_context(cafile=str(ca_file))
         async with httpx.AsyncClient(
             proxy=f"http://127.0.0.1:{app.port}", verify=trusting, http2=True, trust_env=False
         ) as client:
