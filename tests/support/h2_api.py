@@ -11,6 +11,8 @@ size and SHA-256) and answered:
 * `GET /download/<n>` (HTTP/2 only): `n` bytes in DATA frames without `content-length`,
   sent as the proxy's flow-control window allows; `sent` counts them and `blocked`
   tells whether the sender waits for a WINDOW_UPDATE now;
+* `/trailers` (HTTP/2 only): the JSON below announced in a `trailer` field and followed
+  by an `x-checksum` trailer;
 * anything else: 200 with JSON describing what arrived, with `content-length`.
 """
 
@@ -33,6 +35,7 @@ import trustme
 from tests.support.certificates import server_context
 
 DOWNLOAD = "/download/"
+TRAILERS = "/trailers"
 _PIECE = b"d" * 16384
 
 
@@ -217,8 +220,14 @@ class _Http2Session:
         fields.append(("content-length", str(len(body))))
         if status == 401:
             fields += self.api.challenge(body)
+        with_trailers = status == 200 and request.path == TRAILERS
+        if with_trailers:
+            fields.append(("trailer", "x-checksum"))
         conn.send_headers(stream_id, fields)
-        conn.send_data(stream_id, body, end_stream=True)
+        conn.send_data(stream_id, body, end_stream=not with_trailers)
+        if with_trailers:
+            checksum = hashlib.sha256(body).hexdigest()
+            conn.send_headers(stream_id, [("x-checksum", checksum)], end_stream=True)
 
     async def _download(self, stream_id: int, size: int) -> None:
         conn = self.conn

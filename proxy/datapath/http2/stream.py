@@ -83,6 +83,7 @@ _TRAILERS: Final = b"trailers"
 _HOST: Final = b"host"
 _CONTENT_TYPE: Final = b"content-type"
 _CONTENT_LENGTH: Final = b"content-length"
+_NOT_ON_THE_BRIDGE: Final = frozenset({_TE, b"trailer"})
 _VIA: Final = (b"via", b"2 token-proxy")  # RFC 9110 §7.6.3: received as HTTP/2
 # RST_STREAM codes (RFC 9113 §7).
 INTERNAL_ERROR: Final = 0x2
@@ -199,7 +200,8 @@ def response_fields(status: int, fields: Headers, via: bool) -> Headers:
 def response_head(status: int, fields: Headers) -> ResponseHead:
     """The `ResponseHead` of an HTTP/2 answer, for what reads one (`decisions`, and the
     HTTP/1.1 head `frame_response` makes of it): the fields as field lines, without
-    pseudo, connection-specific and `content-length` fields, whose value is read."""
+    pseudo, connection-specific and `content-length` fields, whose value is read, and
+    without `trailer`: the bridge passes no trailers on, so it announces none."""
     content_length: int | None = None
     lines: list[bytes] = []
     for name, value in fields:
@@ -207,7 +209,7 @@ def response_head(status: int, fields: Headers) -> ResponseHead:
             if value.isdigit():
                 content_length = int(value)  # h2 checks it against the DATA received
             continue
-        if name[:1] == b":" or name in CONNECTION_SPECIFIC or name == _TE:
+        if name[:1] == b":" or name in CONNECTION_SPECIFIC or name in _NOT_ON_THE_BRIDGE:
             continue
         lines.append(b"\r\n%b: %b" % (name, value))
     return ResponseHead(status, b"", "2", b"".join(lines), True, content_length=content_length)

@@ -140,6 +140,21 @@ async def test_curl_http11_to_an_h2_only_origin(
     assert requests_total == 1
 
 
+async def test_trailers_the_bridge_drops_are_not_announced(
+    originating: Callable[..., Any], h2_only: H2Api
+) -> None:
+    app = await originating(h2_only.port)
+    async with httpx.AsyncClient(
+        proxy=f"http://127.0.0.1:{app.port}", trust_env=False, headers={"TE": "trailers"}
+    ) as client:
+        response = await client.get(f"http://{HOST}/trailers", timeout=WITHIN)
+    assert response.status_code == 200
+    assert response.json()["path"] == "/trailers"  # the whole body
+    # An HTTP/1.1 client is sent no trailers here, so it must not be told of any.
+    assert "trailer" not in response.headers
+    assert "x-checksum" not in response.headers
+
+
 async def test_requests_post_body_arrives_whole_over_h2(
     originating: Callable[..., Any], h2_only: H2Api, token_server: TokenServer
 ) -> None:
