@@ -22,7 +22,7 @@ from proxy.datapath.http2.upstream import Http2Upstreams
 from proxy.datapath.outcomes import Outcomes
 from proxy.datapath.planning import Planners, origin_for
 from proxy.datapath.routing import Target
-from proxy.datapath.runtime import RuntimeHolder
+from proxy.datapath.runtime import RuntimeHolder, upstream_timeouts
 from proxy.errors import ProxyError
 from proxy.ops.metrics import Metrics
 
@@ -80,7 +80,7 @@ class Http2Front:
                 continue
             try:
                 connection = await self.upstreams.connect(
-                    origin, connect_timeout=upstream.connect_timeout
+                    origin, connect_timeout=upstream_timeouts(route)[0]
                 )
             except ProxyError:
                 continue
