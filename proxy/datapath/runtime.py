@@ -16,7 +16,7 @@ from proxy.datapath.injector import Injector
 from proxy.datapath.routing import Router
 from proxy.datapath.timeouts import PASSTHROUGH_CONNECT_TIMEOUT, PASSTHROUGH_TIMEOUT
 from proxy.datapath.upstream_connection import Origin
-from proxy.tls.client_context import client_ssl_context
+from proxy.tls.client_context import client_ssl_context, http2_context
 from proxy.tokens import TokenProvider
 from proxy.tokens.held_token import HeldToken
 
@@ -57,6 +57,10 @@ def build_route(upstream: UpstreamConfig, provider: TokenProvider) -> Route:
     if upstream.url is not None:
         url = upstream.url
         tls = client_ssl_context(upstream.tls) if url.scheme == "https" else None
+        if tls is not None and upstream.http2 != "off":
+            # The context offering h2, read from the same files now rather than at the
+            # first HTTP/2 connection, when they may have changed or gone.
+            http2_context(tls)
         origin = Origin(url.scheme, url.host, url.port, tls)
         host_header = url.authority.encode("ascii")
     return Route(

@@ -489,8 +489,9 @@ class Http2Upstreams:
     async def _establish(self, connection: Http2Connection, connect_timeout: float) -> None:
         origin = connection.origin
         loop = asyncio.get_running_loop()
-        context = http2_context(origin.ssl) if origin.ssl is not None else None
         try:
+            # Built on first use, from files (a failure is this connection's, not a hang).
+            context = http2_context(origin.ssl) if origin.ssl is not None else None
             async with asyncio.timeout(connect_timeout):
                 await loop.create_connection(
                     lambda: connection,
