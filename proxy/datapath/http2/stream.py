@@ -86,6 +86,7 @@ _CONTENT_LENGTH: Final = b"content-length"
 _NOT_ON_THE_BRIDGE: Final = frozenset({_TE, b"trailer"})
 _VIA: Final = (b"via", b"2 token-proxy")  # RFC 9110 §7.6.3: received as HTTP/2
 # RST_STREAM codes (RFC 9113 §7).
+NO_ERROR: Final = 0x0
 INTERNAL_ERROR: Final = 0x2
 CANCEL: Final = 0x8
 # The head of a request refused before its header list could be read.
@@ -558,12 +559,19 @@ class StreamRelay:
 
     async def _refuse(self, error: ProxyError) -> None:
         """Answer `error` ourselves: the contract's JSON body, or a gRPC trailers-only
-        answer; counted and logged as the HTTP/1.1 path does."""
+        answer; counted and logged as the HTTP/1.1 path does. A client still sending its
+        request is then told to stop (RST_STREAM NO_ERROR, RFC 9113 §8.1): nothing more
+        of it will be read."""
         ctx = self._ctx
         assert ctx is not None
         self._finished = True
         self.head_sent = True
         self.conn.front.outcomes.refused(ctx, error)
+        await self._answer_error(ctx, error)
+        if not self.ended_by_client:
+            self.conn.reset_stream(self.stream_id, NO_ERROR)
+
+    async def _answer_error(self, ctx: RequestContext, error: ProxyError) -> None:
         if self.grpc:
             self.conn.send_headers(self.stream_id, grpc.trailers_only(error), end_stream=True)
             self._grpc_outcome(ctx, grpc.status_for(error))

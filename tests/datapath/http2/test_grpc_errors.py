@@ -8,16 +8,19 @@ request gets the usual JSON body.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 
 import grpc
+import h2.events
 import httpx
 import pytest
 
 from proxy.config import LimitsConfig
 from tests.datapath.http2.conftest import CALL_TIMEOUT, GrpcProxy, StartGrpcProxy, in_thread, method
 from tests.support.grpc_server import GrpcServer
+from tests.support.h2_client import RawH2
 from tests.support.token_server import TokenServer
 from tests.support.waiting import eventually
 
@@ -207,3 +210,30 @@ async def test_a_declared_content_length_past_max_body_size_is_413_at_once(
     assert response.status_code == 413
     assert json.loads(response.content)["detail"] == "request body larger than 1024 bytes"
     assert proxy.metric("token_proxy_requests_total", upstream="inventory", code="413") == 1
+
+
+async def test_a_client_still_sending_is_told_to_stop_after_a_413(
+    start_reverse_grpc: StartGrpcProxy,
+) -> None:
+    # RFC 9113 §8.1: the answer, then RST_STREAM with NO_ERROR, so that the client stops
+    # sending a body that nobody will read.
+    proxy = await start_reverse_grpc(limits=LimitsConfig(max_body_size=1024))
+    client = await RawH2.open(int(proxy.target.rpartition(":")[2]))
+    try:
+        headers = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":authority", b"inventory.internal"),
+            (b":path", b"/api/stock"),
+            (b"content-length", b"1000000"),
+        ]
+        client.h2.send_headers(1, headers)
+        client.flush()
+        async with asyncio.timeout(CALL_TIMEOUT):
+            while 1 not in client.received.resets() and not client.received.closed:
+                await client.read_events()
+    finally:
+        await client.close()
+    responses = [e for e in client.events if isinstance(e, h2.events.ResponseReceived)]
+    assert [dict(e.headers or [])[b":status"] for e in responses] == [b"413"]
+    assert client.received.resets() == {1: 0}  # NO_ERROR
