@@ -250,7 +250,8 @@ class StreamRelay:
 
     def data_received(self, data: bytes, flow_controlled: int) -> None:
         if self._too_large is not None:
-            self._inbound.append((b"", flow_controlled))  # dropped, its window given back
+            # Dropped; its window is given back when the stream ends (`take_unsent`).
+            self._inbound.append((b"", flow_controlled))
             return
         limit = self.conn.max_body_size
         self._received += len(data)
